@@ -1,0 +1,169 @@
+"""The RNN-Conv network: recurrent encoder, binarizer, recurrent decoder, iterated on residuals.
+
+Each iteration encodes what the previous ones left (``x - reconstruction``), scaled by a learned
+per-iteration gain so that small late residuals still use the binarizer's full range (a
+content-independent form of Toderici et al.'s scaled-additive reconstruction). The decoder's
+output is divided by the same gain and added: any prefix of iterations is a valid, coarser image.
+
+With ``multi_level_pooling`` the binarizer sees the encoder's features from three scales (1/4 and
+1/8 average-pooled down to the 1/16 bottleneck, beside the 1/16 features), as in Sushmit et al.
+2019; without it, only the last encoder layer, as in Toderici et al. 2017.
+
+Contract (after CompressAI): ``forward`` for training returns every iteration's reconstruction;
+``compress`` returns binary codes (tensors of +-1) and the reconstructions the decoder will see;
+``decompress`` rebuilds from codes. Packing codes into bytes is not this module's business.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codec.layers import Binarizer, ConvGRUCell
+
+DOWNSAMPLING = 16  # pixels per code position along each axis
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters; stored in checkpoints and weight files."""
+
+    bits: int = 32
+    stem_channels: int = 32
+    encoder_channels: tuple[int, int, int] = (32, 64, 128)
+    decoder_channels: tuple[int, int, int, int] = (128, 64, 32, 16)
+    multi_level_pooling: bool = True
+    max_iterations: int = 16
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ModelConfig:
+        values = dict(data)
+        for key in ("encoder_channels", "decoder_channels"):
+            if key in values:
+                values[key] = tuple(values[key])  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c1, c2, c3 = config.encoder_channels
+        self.pooling = config.multi_level_pooling
+        self.stem = nn.Conv2d(1, config.stem_channels, 3, stride=2, padding=1)
+        self.rnn1 = ConvGRUCell(config.stem_channels, c1, stride=2)
+        self.rnn2 = ConvGRUCell(c1, c2, stride=2)
+        self.rnn3 = ConvGRUCell(c2, c3, stride=2)
+        width = c1 + c2 + c3 if self.pooling else c3
+        self.binarizer = Binarizer(width, config.bits)
+
+    def forward(
+        self, residual: torch.Tensor, state: list[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        h1 = self.rnn1(self.stem(residual), state[0])
+        h2 = self.rnn2(h1, state[1])
+        h3 = self.rnn3(h2, state[2])
+        features = (
+            torch.cat([F.avg_pool2d(h1, 4), F.avg_pool2d(h2, 2), h3], dim=1)
+            if self.pooling
+            else h3
+        )
+        return self.binarizer(features), [h1, h2, h3]
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d1, d2, d3, d4 = config.decoder_channels
+        self.lift = nn.Conv2d(config.bits, d1, kernel_size=1)
+        self.rnn1 = ConvGRUCell(d1, d1)
+        self.rnn2 = ConvGRUCell(d1 // 4, d2)
+        self.rnn3 = ConvGRUCell(d2 // 4, d3)
+        self.rnn4 = ConvGRUCell(d3 // 4, d4)
+        self.to_pixels = nn.Conv2d(d4 // 4, 1, kernel_size=3, padding=1)
+
+    def forward(
+        self, code: torch.Tensor, state: list[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        h1 = self.rnn1(self.lift(code), state[0])
+        h2 = self.rnn2(F.pixel_shuffle(h1, 2), state[1])
+        h3 = self.rnn3(F.pixel_shuffle(h2, 2), state[2])
+        h4 = self.rnn4(F.pixel_shuffle(h3, 2), state[3])
+        return self.to_pixels(F.pixel_shuffle(h4, 2)), [h1, h2, h3, h4]
+
+
+class RNNConvCodec(nn.Module):
+    """Iterative residual codec over images normalised to [-0.5, 0.5].
+
+    Inputs are ``(N, 1, H, W)`` with H and W multiples of :data:`DOWNSAMPLING`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        # Residuals shrink each iteration; start the gains growing ~1.5x per step.
+        initial = torch.arange(config.max_iterations, dtype=torch.float32) * math.log(1.5)
+        self.log_gains = nn.Parameter(initial)
+
+    def _check_iterations(self, iterations: int) -> None:
+        if not 1 <= iterations <= self.config.max_iterations:
+            raise ValueError(
+                f"iterations must be in 1..{self.config.max_iterations}, got {iterations}"
+            )
+
+    def forward(self, x: torch.Tensor, iterations: int) -> list[torch.Tensor]:
+        """Training pass: the reconstruction after each iteration (stochastic binarizer)."""
+        codes, reconstructions = self._encode(x, iterations)
+        del codes
+        return reconstructions
+
+    @torch.no_grad()
+    def compress(
+        self, x: torch.Tensor, iterations: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Codes (each ``(N, bits, H/16, W/16)`` of +-1) and the reconstruction after each."""
+        return self._encode(x, iterations)
+
+    @torch.no_grad()
+    def decompress(self, codes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The reconstruction after each of ``codes``' iterations."""
+        self._check_iterations(len(codes))
+        state: list[torch.Tensor | None] = [None] * 4
+        reconstruction: torch.Tensor | float = 0.0
+        reconstructions = []
+        for iteration, code in enumerate(codes):
+            output, state = self.decoder(code, state)
+            reconstruction = reconstruction + output / self.log_gains[iteration].exp()
+            reconstructions.append(reconstruction)
+        return reconstructions  # type: ignore[return-value]
+
+    def _encode(
+        self, x: torch.Tensor, iterations: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        self._check_iterations(iterations)
+        if x.shape[-1] % DOWNSAMPLING or x.shape[-2] % DOWNSAMPLING:
+            raise ValueError(f"height and width must be multiples of {DOWNSAMPLING}: {x.shape}")
+        encoder_state: list[torch.Tensor | None] = [None] * 3
+        decoder_state: list[torch.Tensor | None] = [None] * 4
+        reconstruction = torch.zeros_like(x)
+        codes, reconstructions = [], []
+        for iteration in range(iterations):
+            gain = self.log_gains[iteration].exp()
+            code, encoder_state = self.encoder((x - reconstruction) * gain, encoder_state)
+            output, decoder_state = self.decoder(code, decoder_state)
+            reconstruction = reconstruction + output / gain
+            codes.append(code)
+            reconstructions.append(reconstruction)
+        return codes, reconstructions
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,205 @@
+"""Train the RNN-Conv codec on a folder of grayscale PNGs; resumable from checkpoints.
+
+    python -m codec.train IMAGES RUN_DIR [--resume] [--minutes M] [--no-pooling] ...
+
+Images are held in memory (the NIH train split is ~450 MB as uint8) and sampled as random
+crops with random flips. The loss is Toderici's: mean absolute residual after every iteration,
+summed over iterations. A checkpoint (model, optimiser, step, RNG states) is written atomically
+every few minutes and at the end, so a killed run loses at most those minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from codec.io import ImageError, read_png
+from codec.model import ModelConfig, RNNConvCodec, count_parameters
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    crop: int = 128
+    batch: int = 8
+    iterations: int = 10
+    learning_rate: float = 5e-4
+    seed: int = 0
+    checkpoint_minutes: float = 5.0
+    snapshot_every_steps: int = 2000
+
+
+def load_images(folder: Path) -> list[np.ndarray]:
+    """Every readable PNG under ``folder`` as float32 in [-0.5, 0.5]."""
+    images = []
+    for path in sorted(folder.rglob("*.png")):
+        try:
+            image = read_png(path)
+        except ImageError as error:
+            print(f"skipping {error}")
+            continue
+        images.append((image.pixels.astype(np.float32) / image.peak - 0.5).astype(np.float32))
+    if not images:
+        raise SystemExit(f"no readable PNG images under {folder}")
+    return images
+
+
+def sample_batch(
+    images: list[np.ndarray], crop: int, batch: int, rng: np.random.Generator
+) -> torch.Tensor:
+    crops = np.empty((batch, 1, crop, crop), dtype=np.float32)
+    for i in range(batch):
+        image = images[rng.integers(len(images))]
+        top = rng.integers(image.shape[0] - crop + 1)
+        left = rng.integers(image.shape[1] - crop + 1)
+        patch = image[top : top + crop, left : left + crop]
+        if rng.random() < 0.5:
+            patch = patch[:, ::-1]
+        if rng.random() < 0.5:
+            patch = patch[::-1, :]
+        crops[i, 0] = patch
+    return torch.from_numpy(crops)
+
+
+def psnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
+    """PSNR on the normalised [-0.5, 0.5] scale (peak 1), clipped like real decoded pixels."""
+    mse = float(((x - y.clamp(-0.5, 0.5)) ** 2).mean())
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+def save_atomic(payload: dict[str, object], path: Path) -> None:
+    temporary = path.with_suffix(".tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def train(
+    images_dir: Path,
+    run_dir: Path,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    minutes: float,
+    resume: bool,
+) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    random.seed(config.seed)
+
+    model = RNNConvCodec(model_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    step = 0
+    if resume and checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if ModelConfig.from_dict(checkpoint["model_config"]) != model_config:
+            raise SystemExit("--resume with a different architecture than the checkpoint's")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step = int(checkpoint["step"])
+        rng.bit_generator.state = checkpoint["numpy_rng"]
+        torch.set_rng_state(checkpoint["torch_rng"])
+        print(f"resumed {checkpoint_path} at step {step}")
+    elif checkpoint_path.exists():
+        raise SystemExit(f"{checkpoint_path} exists: pass --resume or choose another RUN_DIR")
+    for group in optimizer.param_groups:
+        group["lr"] = config.learning_rate
+
+    images = load_images(images_dir)
+    print(
+        f"{len(images)} images, {count_parameters(model):,} parameters, device {device}, "
+        f"{torch.get_num_threads()} threads"
+    )
+
+    def checkpoint() -> None:
+        save_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "model_config": model_config.to_dict(),
+                "train_config": config.__dict__,
+                "numpy_rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+            },
+            checkpoint_path,
+        )
+
+    log = (run_dir / "log.jsonl").open("a")
+    started = last_checkpoint = time.monotonic()
+    bits_per_iteration = model_config.bits / 256
+    model.train()
+    while time.monotonic() - started < minutes * 60:
+        batch = sample_batch(images, config.crop, config.batch, rng).to(device)
+        reconstructions = model(batch, config.iterations)
+        loss = torch.stack([(batch - r).abs().mean() for r in reconstructions]).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % 50 == 0:
+            psnrs = [round(psnr_db(batch, r.detach()), 2) for r in reconstructions]
+            record = {
+                "step": step,
+                "seconds": round(time.monotonic() - started, 1),
+                "loss": round(float(loss), 5),
+                "bpp_raw": [round(bits_per_iteration * (k + 1), 4) for k in (0, 1, 3, 7)],
+                "psnr": psnrs,
+            }
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(record, flush=True)
+        if step % config.snapshot_every_steps == 0:
+            checkpoint()
+            (run_dir / f"checkpoint_step{step}.pt").write_bytes(checkpoint_path.read_bytes())
+        if time.monotonic() - last_checkpoint > config.checkpoint_minutes * 60:
+            checkpoint()
+            last_checkpoint = time.monotonic()
+    checkpoint()
+    print(f"stopped at step {step}; checkpoint {checkpoint_path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("images", type=Path, help="folder of training PNGs (8- or 16-bit)")
+    parser.add_argument("run_dir", type=Path, help="where checkpoints and log.jsonl go")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR")
+    parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget")
+    parser.add_argument("--no-pooling", action="store_true", help="Toderici-style encoder")
+    parser.add_argument("--bits", type=int, default=32, help="bits per 16x16 block per iteration")
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_config = ModelConfig(
+        bits=args.bits,
+        multi_level_pooling=not args.no_pooling,
+        max_iterations=max(16, args.iterations),
+    )
+    train_config = TrainConfig(
+        crop=args.crop,
+        batch=args.batch,
+        iterations=args.iterations,
+        learning_rate=args.lr,
+        seed=args.seed,
+    )
+    train(args.images, args.run_dir, model_config, train_config, args.minutes, args.resume)
+
+
+if __name__ == "__main__":
+    main()
