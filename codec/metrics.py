@@ -122,9 +122,7 @@ class Quality:
 def measure(reference: np.ndarray, test: np.ndarray, bits_stored: int) -> Quality:
     """All distortion metrics at once; MS-SSIM is ``None`` for images too small for it."""
     multi = (
-        ms_ssim(reference, test, bits_stored)
-        if min(reference.shape) >= MS_SSIM_MIN_SIDE
-        else None
+        ms_ssim(reference, test, bits_stored) if min(reference.shape) >= MS_SSIM_MIN_SIDE else None
     )
     return Quality(
         psnr=psnr(reference, test, bits_stored),

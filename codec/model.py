@@ -70,9 +70,7 @@ class Encoder(nn.Module):
         h2 = self.rnn2(h1, state[1])
         h3 = self.rnn3(h2, state[2])
         features = (
-            torch.cat([F.avg_pool2d(h1, 4), F.avg_pool2d(h2, 2), h3], dim=1)
-            if self.pooling
-            else h3
+            torch.cat([F.avg_pool2d(h1, 4), F.avg_pool2d(h2, 2), h3], dim=1) if self.pooling else h3
         )
         return self.binarizer(features), [h1, h2, h3]
 

@@ -120,7 +120,7 @@ def train(
         f"{torch.get_num_threads()} threads"
     )
 
-    def checkpoint() -> None:
+    def save_checkpoint() -> None:
         save_atomic(
             {
                 "model": model.state_dict(),
@@ -152,7 +152,7 @@ def train(
             record = {
                 "step": step,
                 "seconds": round(time.monotonic() - started, 1),
-                "loss": round(float(loss), 5),
+                "loss": round(float(loss.detach()), 5),
                 "bpp_raw": [round(bits_per_iteration * (k + 1), 4) for k in (0, 1, 3, 7)],
                 "psnr": psnrs,
             }
@@ -160,12 +160,12 @@ def train(
             log.flush()
             print(record, flush=True)
         if step % config.snapshot_every_steps == 0:
-            checkpoint()
+            save_checkpoint()
             (run_dir / f"checkpoint_step{step}.pt").write_bytes(checkpoint_path.read_bytes())
         if time.monotonic() - last_checkpoint > config.checkpoint_minutes * 60:
-            checkpoint()
+            save_checkpoint()
             last_checkpoint = time.monotonic()
-    checkpoint()
+    save_checkpoint()
     print(f"stopped at step {step}; checkpoint {checkpoint_path}")
 
 

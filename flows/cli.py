@@ -5,6 +5,9 @@ Commands are thin: they parse arguments, call library code in codec/ or storage/
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(
@@ -18,6 +21,98 @@ app = typer.Typer(
 @app.callback()
 def main() -> None:
     """Radiarc: X-ray archives in zarr, compressed by a learned RNN-Conv codec."""
+
+
+DEFAULT_CODECS = "jpeg2000,htj2k,jpegxl,jpeg,jpegls"
+DEFAULT_BPPS = "0.0625,0.125,0.25,0.5,1.0"
+IMAGE_SUFFIXES = {".png", ".dcm", ""}
+
+
+def looks_like_image(path: Path) -> bool:
+    """PNG, .dcm, or no extension; a numeric "extension" counts as none (UID-named DICOM)."""
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_SUFFIXES or suffix[1:].isdigit()
+
+
+def expand_image_paths(paths: list[Path]) -> list[Path]:
+    """Files as given; folders as their PNG, DICOM (.dcm) and extensionless files, sorted."""
+    expanded = []
+    for path in paths:
+        if path.is_dir():
+            expanded += sorted(
+                child
+                for child in path.iterdir()
+                if child.is_file() and not child.name.startswith(".") and looks_like_image(child)
+            )
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def parse_bpps(text: str) -> list[float]:
+    try:
+        values = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError as error:
+        raise typer.BadParameter(f"not a comma-separated list of numbers: {text!r}") from error
+    if not values or any(value <= 0 for value in values):
+        raise typer.BadParameter(f"bit rates must be positive: {text!r}")
+    return values
+
+
+@app.command()
+def bench(
+    images: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Image files (PNG or DICOM) or folders; a folder contributes its *.png, *.dcm "
+            "and extensionless (or UID-named) files."
+        ),
+    ],
+    codecs: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated codecs to compare: jpeg2000, htj2k, jpegxl, jpeg, jpegls."
+        ),
+    ] = DEFAULT_CODECS,
+    bpp: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated target bit rates (bits per pixel); each point is the largest "
+            "real stream not above its target. For 10- to 16-bit images try 0.25,0.5,1,2,4."
+        ),
+    ] = DEFAULT_BPPS,
+    out: Annotated[
+        Path,
+        typer.Option(help="Folder for points.csv, summary.md and the psnr/ssim/ms_ssim plots."),
+    ] = Path("bench-out"),
+) -> None:
+    """Compare classical codecs on images at target bit rates: PSNR, SSIM, MS-SSIM, BD-rate."""
+    from codec.baselines import BASELINES
+    from codec.bench import Skip, load_images, run_bench, write_report
+    from storage.images import load_image
+
+    names = [name.strip() for name in codecs.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown or not names:
+        raise typer.BadParameter(
+            f"unknown codec(s) {unknown}; choose from {', '.join(BASELINES)}", param_hint="--codecs"
+        )
+    targets = parse_bpps(bpp)
+    skipped: list[Skip] = []
+    paths = expand_image_paths(images)
+    missing = [path for path in paths if not path.exists()]
+    skipped += [Skip(path.name, "no such file or folder") for path in missing]
+    loaded = load_images([path for path in paths if path.exists()], load_image, skipped)
+    for note in skipped:
+        typer.echo(f"skipped {note}", err=True)
+    if not loaded:
+        typer.echo("no readable images; nothing to bench", err=True)
+        raise typer.Exit(code=1)
+    rows = run_bench(
+        loaded, [BASELINES[name]() for name in names], targets, skipped=skipped, progress=True
+    )
+    typer.echo(write_report(rows, skipped, out))
+    typer.echo(f"wrote {out / 'points.csv'}, {out / 'summary.md'} and plots to {out}", err=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,202 @@
+"""The Radiarc stream container: bytes in, bytes out; no tensors and no model here.
+
+Layout of format version 1 (all integers little-endian; documented in docs/bitstream.md):
+
+    magic            4 bytes  b"RDRC"
+    version          u8       1
+    model id         u8 length + ASCII
+    weights hash     8 bytes  first 8 bytes of the weights file's SHA-256
+    height, width    u32, u32
+    bits stored      u8       8..16
+    tile size        u16      tiles are tile_size x tile_size, row-major, edges smaller
+    code channels    u8       bits per code position per iteration
+    per tile         u8 iteration count, LEB128 length of each iteration's segment,
+                     u32 CRC-32 of the tile's segments
+    header CRC-32    u32      over everything above
+    payload          for each tile, its segments in iteration order
+
+Any prefix of a tile's iterations is a valid coarser stream (:func:`keep_iterations` rewrites
+the table), and each tile can be checked and decoded without the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+MAGIC = b"RDRC"
+FORMAT_VERSION = 1
+HASH_BYTES = 8
+MAX_SIDE = 1 << 16  # larger than any radiograph; bounds memory for hostile headers
+_FIXED = struct.Struct("<IIBHB")
+
+
+class BitstreamError(ValueError):
+    """A stream that is truncated, corrupt, foreign, of an unknown version or model."""
+
+
+@dataclass(frozen=True)
+class StreamHeader:
+    model_id: str
+    weights_hash: bytes
+    height: int
+    width: int
+    bits_stored: int
+    tile_size: int
+    code_channels: int
+
+    def __post_init__(self) -> None:
+        if not (0 < self.height <= MAX_SIDE and 0 < self.width <= MAX_SIDE):
+            raise BitstreamError(f"image size {self.height}x{self.width} out of range")
+        if not 8 <= self.bits_stored <= 16:
+            raise BitstreamError(f"bits stored {self.bits_stored} out of range 8..16")
+        if not 16 <= self.tile_size <= MAX_SIDE or self.tile_size % 16:
+            raise BitstreamError(f"tile size {self.tile_size} is not a multiple of 16")
+        if len(self.weights_hash) != HASH_BYTES:
+            raise BitstreamError("weights hash must be 8 bytes")
+        if not 0 < len(self.model_id) < 256 or not self.model_id.isascii():
+            raise BitstreamError("model id must be 1..255 ASCII characters")
+
+    @property
+    def tile_grid(self) -> tuple[int, int]:
+        return (-(-self.height // self.tile_size), -(-self.width // self.tile_size))
+
+    @property
+    def tile_count(self) -> int:
+        rows, cols = self.tile_grid
+        return rows * cols
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A header and, per tile (row-major), the entropy-coded segment of each iteration."""
+
+    header: StreamHeader
+    tiles: list[list[bytes]] = field(default_factory=list)
+
+    def iterations(self) -> list[int]:
+        return [len(segments) for segments in self.tiles]
+
+
+def _leb128(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.offset = 0
+
+    def take(self, size: int, what: str) -> bytes:
+        if self.offset + size > len(self.data):
+            raise BitstreamError(f"stream truncated while reading {what}")
+        chunk = self.data[self.offset : self.offset + size]
+        self.offset += size
+        return chunk
+
+    def leb128(self, what: str) -> int:
+        value = 0
+        for shift in range(0, 35, 7):
+            byte = self.take(1, what)[0]
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+        raise BitstreamError(f"malformed length while reading {what}")
+
+
+def pack(stream: Stream) -> bytes:
+    header = stream.header
+    if len(stream.tiles) != header.tile_count:
+        raise ValueError(f"{len(stream.tiles)} tiles for a grid of {header.tile_count}")
+    out = bytearray(MAGIC)
+    out.append(FORMAT_VERSION)
+    model_id = header.model_id.encode("ascii")
+    out += bytes([len(model_id)]) + model_id + header.weights_hash
+    out += _FIXED.pack(
+        header.height, header.width, header.bits_stored, header.tile_size, header.code_channels
+    )
+    for segments in stream.tiles:
+        if len(segments) > 255:
+            raise ValueError("at most 255 iterations per tile")
+        out.append(len(segments))
+        for segment in segments:
+            out += _leb128(len(segment))
+        out += struct.pack("<I", zlib.crc32(b"".join(segments)))
+    out += struct.pack("<I", zlib.crc32(out))
+    for segments in stream.tiles:
+        out += b"".join(segments)
+    return bytes(out)
+
+
+def _read_header(reader: _Reader) -> tuple[StreamHeader, list[tuple[list[int], int]]]:
+    if reader.take(4, "magic") != MAGIC:
+        raise BitstreamError("not a Radiarc stream (bad magic bytes)")
+    version = reader.take(1, "version")[0]
+    if version != FORMAT_VERSION:
+        raise BitstreamError(f"unknown stream format version {version} (this reads 1)")
+    id_length = reader.take(1, "model id")[0]
+    try:
+        model_id = reader.take(id_length, "model id").decode("ascii")
+    except UnicodeDecodeError as error:
+        raise BitstreamError("model id is not ASCII") from error
+    weights_hash = reader.take(HASH_BYTES, "weights hash")
+    fields = _FIXED.unpack(reader.take(_FIXED.size, "image geometry"))
+    header = StreamHeader(model_id, weights_hash, *fields)
+    table = []
+    for _ in range(header.tile_count):
+        count = reader.take(1, "tile table")[0]
+        lengths = [reader.leb128("tile table") for _ in range(count)]
+        (crc,) = struct.unpack("<I", reader.take(4, "tile checksum"))
+        table.append((lengths, crc))
+    (stored,) = struct.unpack("<I", reader.take(4, "header checksum"))
+    if zlib.crc32(reader.data[: reader.offset - 4]) != stored:
+        raise BitstreamError("header checksum mismatch (corrupt stream)")
+    return header, table
+
+
+def read_header(data: bytes) -> StreamHeader:
+    """Parse and verify only the header (for ``radiarc info``)."""
+    return _read_header(_Reader(data))[0]
+
+
+def unpack(data: bytes, tiles: set[int] | None = None) -> Stream:
+    """Parse a stream, verifying the checksums of the requested tiles (all by default).
+
+    Tiles not requested come back with no segments, so a region decodes alone.
+    """
+    reader = _Reader(data)
+    header, table = _read_header(reader)
+    payload_size = sum(sum(lengths) for lengths, _ in table)
+    if len(data) - reader.offset != payload_size:
+        raise BitstreamError(
+            f"payload is {len(data) - reader.offset} bytes, the tile table says {payload_size}"
+        )
+    decoded: list[list[bytes]] = []
+    for index, (lengths, crc) in enumerate(table):
+        raw = reader.take(sum(lengths), f"tile {index}")
+        if tiles is not None and index not in tiles:
+            decoded.append([])
+            continue
+        if zlib.crc32(raw) != crc:
+            raise BitstreamError(f"tile {index} checksum mismatch (corrupt stream)")
+        offsets = [0]
+        for length in lengths:
+            offsets.append(offsets[-1] + length)
+        decoded.append([raw[a:b] for a, b in itertools.pairwise(offsets)])
+    return Stream(header, decoded)
+
+
+def keep_iterations(data: bytes, iterations: int) -> bytes:
+    """The lower-rate stream made of each tile's first ``iterations`` segments."""
+    if iterations < 1:
+        raise ValueError("keep at least one iteration")
+    stream = unpack(data)
+    return pack(Stream(stream.header, [segments[:iterations] for segments in stream.tiles]))

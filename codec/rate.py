@@ -1,0 +1,89 @@
+"""Rate control: how many iterations each tile keeps.
+
+Four modes, exactly one per encode: a fixed iteration count; a target bpp (the largest stream
+not above it, spending bytes greedily where they remove the most squared error); or a quality
+floor (minimum SSIM or PSNR) that each tile must reach on its decoded pixels.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RateControl:
+    iterations: int | None = None
+    bpp: float | None = None
+    min_ssim: float | None = None
+    min_psnr: float | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [v for v in (self.iterations, self.bpp, self.min_ssim, self.min_psnr) if v]
+        if len(chosen) != 1:
+            raise ValueError("choose exactly one of iterations, bpp, min_ssim, min_psnr")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"iterations must be at least 1, got {self.iterations}")
+        if self.bpp is not None and not 0 < self.bpp < 64:
+            raise ValueError(f"bpp must be in (0, 64), got {self.bpp}")
+        if self.min_ssim is not None and not 0 < self.min_ssim < 1:
+            raise ValueError(f"min_ssim must be in (0, 1), got {self.min_ssim}")
+        if self.min_psnr is not None and not 0 < self.min_psnr < 200:
+            raise ValueError(f"min_psnr must be in (0, 200) dB, got {self.min_psnr}")
+
+    def describe(self) -> str:
+        if self.iterations is not None:
+            return f"iterations={self.iterations}"
+        if self.bpp is not None:
+            return f"bpp<={self.bpp:g}"
+        if self.min_ssim is not None:
+            return f"ssim>={self.min_ssim:g}"
+        return f"psnr>={self.min_psnr:g}"
+
+
+def first_meeting(scores: list[float], floor: float) -> int | None:
+    """Iterations (1-based) of the first score at or above ``floor``; None if none is."""
+    for index, score in enumerate(scores):
+        if score >= floor:
+            return index + 1
+    return None
+
+
+def allocate_bytes(
+    segment_bytes: list[list[int]], squared_errors: list[list[float]], budget: int
+) -> list[int]:
+    """Iterations per tile maximising the error removed, with total segment bytes <= budget.
+
+    Every tile keeps at least one iteration (a stream needs it) even if that alone overflows;
+    the caller reports whether the budget was met. Later iterations are added greedily by
+    error removed per byte, the usual convex-hull approximation of the rate-distortion optimum.
+    """
+    chosen = [1] * len(segment_bytes)
+    spent = sum(sizes[0] for sizes in segment_bytes)
+    heap: list[tuple[float, int]] = []
+
+    def push(tile: int) -> None:
+        k = chosen[tile]
+        if k < len(segment_bytes[tile]):
+            gain = squared_errors[tile][k - 1] - squared_errors[tile][k]
+            cost = max(segment_bytes[tile][k], 1)
+            heapq.heappush(heap, (-gain / cost, tile))
+
+    for tile in range(len(segment_bytes)):
+        push(tile)
+    while heap:
+        _, tile = heapq.heappop(heap)
+        cost = segment_bytes[tile][chosen[tile]]
+        if spent + cost > budget:
+            continue  # this tile's next step does not fit; cheaper steps of others may
+        spent += cost
+        chosen[tile] += 1
+        push(tile)
+    return chosen
+
+
+def psnr_from_sse(squared_error: float, pixels: int, peak: int) -> float:
+    if squared_error == 0:
+        return math.inf
+    return 10 * math.log10(peak * peak * pixels / squared_error)
