@@ -57,7 +57,9 @@ class RateDistortionCodec(ABC):
 
     ``parameter_range`` bounds the search; ``rate_rises_with_parameter`` says which end is
     cheap; integer parameters are searched exactly, continuous ones by bisection (in log space
-    when ``log_parameter``) until the stream is within ``tolerance`` of the budget.
+    when ``log_parameter``) until the stream is within ``tolerance`` of the budget or the
+    bracket is narrower than ``parameter_resolution`` (rate is a staircase in the parameter:
+    a small image has few truncation points, and the budget may fall on a step).
     """
 
     name: ClassVar[str]
@@ -65,6 +67,7 @@ class RateDistortionCodec(ABC):
     rate_rises_with_parameter: ClassVar[bool] = True
     integer_parameter: ClassVar[bool] = False
     log_parameter: ClassVar[bool] = False
+    parameter_resolution: ClassVar[float] = 1e-4  # in the search space (log when log_parameter)
 
     def check(self, image: GrayImage) -> None:
         """Raise :class:`CodecUnsupported` if this codec cannot code ``image`` faithfully."""
@@ -108,7 +111,14 @@ class RateDistortionCodec(ABC):
             if self.integer_parameter:
                 _bisect_integer(size_at, budget, int(cheap), int(rich))
             else:
-                _bisect_float(size_at, budget, cheap, rich, self.log_parameter, tolerance)
+                _bisect_float(
+                    size_at,
+                    budget,
+                    (cheap, rich),
+                    log=self.log_parameter,
+                    tolerance=tolerance,
+                    resolution=self.parameter_resolution,
+                )
         assert best is not None  # the cheap end fitted
         return best
 
@@ -125,16 +135,17 @@ def _bisect_integer(size_at: Callable[[float], int], budget: int, fits: int, ove
 def _bisect_float(
     size_at: Callable[[float], int],
     budget: int,
-    fits: float,
-    over: float,
+    bracket: tuple[float, float],
+    *,
     log: bool,
     tolerance: float,
-    max_probes: int = 40,
+    resolution: float,
 ) -> None:
+    """Bisect between a parameter whose stream fits and one whose stream does not."""
     to_x: Callable[[float], float] = math.log if log else float
     from_x: Callable[[float], float] = math.exp if log else float
-    x_fits, x_over = to_x(fits), to_x(over)
-    for _ in range(max_probes):
+    x_fits, x_over = to_x(bracket[0]), to_x(bracket[1])
+    while abs(x_over - x_fits) > resolution:
         x_middle = (x_fits + x_over) / 2
         size = size_at(from_x(x_middle))
         if size <= budget:
@@ -168,6 +179,7 @@ class JPEG2000(RateDistortionCodec):
 
     name = "jpeg2000"
     parameter_range = (5.0, 140.0)
+    parameter_resolution = 1e-3  # dB
 
     def _encode(self, image: GrayImage, level: float | None, reversible: bool) -> bytes:
         return bytes(
@@ -209,6 +221,10 @@ class HTJ2K(RateDistortionCodec):
     that of a ``bits_stored`` encode except for the SIZ depth, which is then rewritten; for
     8-bit data this gives byte-identical streams); lossless, the level-shifted samples are
     coded as signed 16-bit and SIZ is rewritten to unsigned ``bits_stored``.
+
+    Streams are decoded by OpenJPEG's HT decoder: imagecodecs' OpenJPH decoder (0.26) wraps
+    reconstructions outside the sample range instead of clipping them (a 255.6 in an 8-bit
+    image comes back as 0), which costs whole decibels on X-rays with saturated regions.
     """
 
     name = "htj2k"
@@ -233,7 +249,7 @@ class HTJ2K(RateDistortionCodec):
         return _set_j2k_precision(bytes(stream), bits)
 
     def decode(self, data: bytes, shape: tuple[int, int], bits_stored: int) -> np.ndarray:
-        return _fit(imagecodecs.htj2k_decode(data), shape, bits_stored)
+        return _fit(imagecodecs.jpeg2k_decode(data, numthreads=1), shape, bits_stored)
 
 
 class JPEGXL(RateDistortionCodec):

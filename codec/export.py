@@ -43,7 +43,8 @@ def collect_codes(
             print(f"skipping {error}")
             continue
         normalised = image.pixels.astype(np.float32) / image.peak - 0.5
-        for box in tile_boxes(*image.pixels.shape, tile_size):
+        height, width = image.pixels.shape
+        for box in tile_boxes(height, width, tile_size):
             tile = torch.from_numpy(pad_tile(normalised[box.slices]))[None, None]
             codes, _ = model.compress(tile, iterations)
             sequences.append([(c[0] > 0).to(torch.uint8).numpy() for c in codes])

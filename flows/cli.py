@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from flows import codec_commands
+
 app = typer.Typer(
     name="radiarc",
     help="Radiarc: X-ray archives in zarr, compressed by a learned RNN-Conv codec.",
@@ -113,6 +115,12 @@ def bench(
     )
     typer.echo(write_report(rows, skipped, out))
     typer.echo(f"wrote {out / 'points.csv'}, {out / 'summary.md'} and plots to {out}", err=True)
+
+
+app.command()(codec_commands.encode)
+app.command()(codec_commands.decode)
+app.command()(codec_commands.info)
+app.command()(codec_commands.train)
 
 
 if __name__ == "__main__":

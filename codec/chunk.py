@@ -1,0 +1,190 @@
+"""One zarr chunk to one chunk stream and back: the core the numcodecs and zarr codecs share.
+
+zarr hands a codec edge chunks padded to the full chunk shape with the fill value, and a
+radiograph's own borders are often one constant value too. Both are handled the same way,
+without knowing the fill value: the trailing rows and columns that all hold the value of the
+chunk's last pixel are cut off, only the top-left block left over goes through the learned
+codec (one tile, extended to the network grid by edge replication, so it costs nothing), and
+decoding puts that value back exactly. A chunk of one value costs only the envelope.
+
+Chunk stream layout (little-endian; docs/zarr.md):
+
+    magic         4 bytes  b"RDCK"
+    version       u8       1
+    chunk shape   u32, u32 rows, columns zarr expects back
+    item size     u8       1 (uint8) or 2 (uint16)
+    pad value     u16      the value outside the coded block
+    stream        a Radiarc stream (docs/bitstream.md) of the top-left block, whose header
+                  records the block's height and width; absent when the whole chunk is pad
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from codec import bitstream
+from codec.bitstream import HASH_BYTES, BitstreamError
+from codec.io import GrayImage
+from codec.learned import decode_image, encode_image
+from codec.rate import RateControl
+from codec.tiling import padded_side
+from codec.weights import DEFAULT_MODEL_ID, UnknownModelError, installed_models, registry
+
+CODEC_ID = "radiarc.rnnconv"
+MAGIC = b"RDCK"
+VERSION = 1
+_ENVELOPE = struct.Struct("<4sBIIBH")
+RATE_KEYS = ("iterations", "bpp", "min_ssim", "min_psnr")
+# zarr decodes chunks on several threads at once; the network already uses every core (or the
+# GPU), so one chunk at a time avoids oversubscription and a double first load of the weights.
+_NETWORK = threading.Lock()
+
+
+def installed_weights_hash(model_id: str) -> str:
+    """The installed weights' hash as streams record it (hex), read from the registry only."""
+    entry = registry().get(model_id)
+    if entry is None:
+        raise UnknownModelError(
+            f"model id {model_id!r} is not installed; installed: {installed_models() or 'none'}"
+        )
+    return entry["sha256"][: 2 * HASH_BYTES]
+
+
+@dataclass(frozen=True)
+class ChunkSettings:
+    """What a codec configuration holds: the model, its weights, the rate, the bit depth.
+
+    ``bits_stored`` None means every bit of the chunk's dtype (8 or 16).
+    """
+
+    model_id: str
+    weights_hash: str
+    rate: RateControl
+    bits_stored: int | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.weights_hash) != 2 * HASH_BYTES or not _is_hex(self.weights_hash):
+            raise ValueError(f"weights_hash must be {2 * HASH_BYTES} hex digits")
+        if self.bits_stored is not None and not 8 <= self.bits_stored <= 16:
+            raise ValueError(f"bits_stored must be in 8..16, got {self.bits_stored}")
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        model_id: str = DEFAULT_MODEL_ID,
+        weights_hash: str | None = None,
+        bits_stored: int | None = None,
+        iterations: int | None = None,
+        bpp: float | None = None,
+        min_ssim: float | None = None,
+        min_psnr: float | None = None,
+    ) -> ChunkSettings:
+        """Validated settings; without ``weights_hash``, the installed model's."""
+        rate = RateControl(iterations=iterations, bpp=bpp, min_ssim=min_ssim, min_psnr=min_psnr)
+        return cls(model_id, weights_hash or installed_weights_hash(model_id), rate, bits_stored)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ChunkSettings:
+        unknown = set(config) - {"model_id", "weights_hash", "bits_stored", *RATE_KEYS}
+        if unknown:
+            raise ValueError(f"unknown {CODEC_ID} settings: {sorted(unknown)}")
+        return cls.create(**config)
+
+    def to_config(self) -> dict[str, Any]:
+        """Plain JSON: model id, weights hash, bits stored and the one rate setting used."""
+        config: dict[str, Any] = {
+            "model_id": self.model_id,
+            "weights_hash": self.weights_hash,
+            "bits_stored": self.bits_stored,
+        }
+        config.update({k: getattr(self.rate, k) for k in RATE_KEYS if getattr(self.rate, k)})
+        return config
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
+
+
+def as_chunk(array: np.ndarray) -> np.ndarray:
+    """The 2-D uint8/uint16 chunk inside ``array`` (leading axes of length 1 are dropped)."""
+    if array.ndim < 2 or any(side != 1 for side in array.shape[:-2]):
+        raise ValueError(f"{CODEC_ID} codes 2-D chunks, got shape {array.shape}")
+    if not all(0 < side <= bitstream.MAX_SIDE for side in array.shape[-2:]):
+        raise ValueError(f"{CODEC_ID} codes chunks of 1..{bitstream.MAX_SIDE} pixels a side")
+    if array.dtype.kind != "u" or array.dtype.itemsize not in (1, 2):
+        raise ValueError(f"{CODEC_ID} codes uint8 or uint16 chunks, got {array.dtype}")
+    return array.reshape(array.shape[-2:]).astype(array.dtype.newbyteorder("="), copy=False)
+
+
+def content_extent(chunk: np.ndarray) -> tuple[int, int, int]:
+    """``(height, width, value)``: outside the top-left ``height x width`` block every pixel
+    equals ``value``, the last pixel's (zarr's padding of an edge chunk, or a flat border)."""
+    value = int(chunk[-1, -1])
+    differs = chunk != value
+    rows = np.flatnonzero(differs.any(axis=1))
+    if rows.size == 0:
+        return 0, 0, value
+    height = int(rows[-1]) + 1
+    width = int(np.flatnonzero(differs[:height].any(axis=0))[-1]) + 1
+    return height, width, value
+
+
+def encode_chunk(array: np.ndarray, settings: ChunkSettings) -> bytes:
+    """The chunk stream of one chunk under ``settings``."""
+    chunk = as_chunk(np.asarray(array))
+    installed = installed_weights_hash(settings.model_id)
+    if installed != settings.weights_hash:
+        raise ValueError(
+            f"codec is configured for {settings.model_id} weights {settings.weights_hash}, "
+            f"but the installed weights are {installed}"
+        )
+    height, width, value = content_extent(chunk)
+    envelope = _ENVELOPE.pack(MAGIC, VERSION, *chunk.shape, chunk.dtype.itemsize, value)
+    if height == 0:
+        return envelope
+    bits = settings.bits_stored or 8 * chunk.dtype.itemsize
+    block = GrayImage(np.ascontiguousarray(chunk[:height, :width]), bits)
+    tile_size = padded_side(max(height, width))  # the whole block is one tile
+    with _NETWORK:
+        result = encode_image(block, settings.rate, settings.model_id, tile_size)
+    return envelope + result.data
+
+
+def decode_chunk(data: bytes) -> np.ndarray:
+    """The chunk a chunk stream holds, in the shape and dtype it was written with."""
+    data = bytes(data)
+    if len(data) < _ENVELOPE.size:
+        raise BitstreamError(f"chunk stream truncated ({len(data)} bytes)")
+    magic, version, rows, cols, itemsize, value = _ENVELOPE.unpack_from(data)
+    if magic != MAGIC:
+        raise BitstreamError("not a Radiarc chunk stream (bad magic bytes)")
+    if version != VERSION:
+        raise BitstreamError(f"unknown chunk stream version {version} (this reads {VERSION})")
+    side = bitstream.MAX_SIDE
+    if itemsize not in (1, 2) or not (0 < rows <= side and 0 < cols <= side):
+        raise BitstreamError(f"bad chunk shape {rows}x{cols} or item size {itemsize}")
+    if value >> (8 * itemsize):
+        raise BitstreamError(f"pad value {value} does not fit {itemsize}-byte pixels")
+    chunk = np.full((rows, cols), value, dtype=np.uint8 if itemsize == 1 else np.uint16)
+    stream = data[_ENVELOPE.size :]
+    if stream:
+        header = bitstream.read_header(stream)
+        if header.height > rows or header.width > cols or header.bits_stored > 8 * itemsize:
+            raise BitstreamError(
+                f"coded block {header.height}x{header.width} of {header.bits_stored} bits "
+                f"does not fit the {rows}x{cols} chunk of {itemsize}-byte pixels"
+            )
+        with _NETWORK:
+            block = decode_image(stream).pixels
+        chunk[: header.height, : header.width] = block
+    return chunk

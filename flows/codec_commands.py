@@ -1,0 +1,139 @@
+"""``radiarc encode``, ``decode``, ``info``, ``train``: thin wrappers over codec/ and storage/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from codec import bitstream
+from codec.bitstream import BitstreamError
+from codec.io import ImageError, write_png
+from codec.learned import decode_image, encode_image
+from codec.metrics import bits_per_pixel, measure
+from codec.rate import RateControl
+from codec.weights import DEFAULT_MODEL_ID, installed_models
+
+console = Console()
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=2)
+
+
+def encode(
+    src: Annotated[Path, typer.Argument(help="PNG or DICOM image to compress.")],
+    dst: Annotated[Path, typer.Argument(help="Where to write the Radiarc stream.")],
+    iterations: Annotated[
+        int | None, typer.Option(help="Fixed number of iterations for every tile.")
+    ] = None,
+    bpp: Annotated[
+        float | None, typer.Option(help="Largest stream not above this many bits per pixel.")
+    ] = None,
+    min_ssim: Annotated[
+        float | None, typer.Option(help="Quality floor: every tile's SSIM at least this.")
+    ] = None,
+    min_psnr: Annotated[
+        float | None, typer.Option(help="Quality floor: every tile's PSNR (dB) at least this.")
+    ] = None,
+    model: Annotated[str, typer.Option(help="Model id of the installed weights.")] = (
+        DEFAULT_MODEL_ID
+    ),
+    tile_size: Annotated[int, typer.Option(help="Tile side in pixels (multiple of 16).")] = 512,
+) -> None:
+    """Compress SRC (PNG or DICOM) into a Radiarc stream at DST; prints what it achieved.
+
+    With no rate option, 4 iterations per tile are kept.
+    """
+    from storage.images import load_image
+
+    if iterations is None and bpp is None and min_ssim is None and min_psnr is None:
+        iterations = 4
+    try:
+        rate = RateControl(iterations=iterations, bpp=bpp, min_ssim=min_ssim, min_psnr=min_psnr)
+        image = load_image(src)
+        result = encode_image(image, rate, model_id=model, tile_size=tile_size)
+    except (ValueError, ImageError, BitstreamError) as error:
+        raise _fail(str(error)) from error
+    dst.write_bytes(result.data)
+    decoded = decode_image(result.data)
+    quality = measure(image.pixels, decoded.pixels, image.bits_stored)
+    table = Table(title=f"{src.name} -> {dst.name} ({rate.describe()})")
+    for column in ("bytes", "bpp", "PSNR dB", "SSIM", "MS-SSIM", "iterations", "target met"):
+        table.add_column(column)
+    table.add_row(
+        str(result.n_bytes),
+        f"{bits_per_pixel(result.n_bytes, image.pixels.size):.4f}",
+        f"{quality.psnr:.2f}",
+        f"{quality.ssim:.4f}",
+        "-" if quality.ms_ssim is None else f"{quality.ms_ssim:.4f}",
+        f"{min(result.tile_iterations)}-{max(result.tile_iterations)}",
+        "yes" if result.target_met else "NO",
+    )
+    console.print(table)
+
+
+def decode(
+    src: Annotated[Path, typer.Argument(help="Radiarc stream.")],
+    dst: Annotated[Path, typer.Argument(help="PNG to write (8- or 16-bit, as the original).")],
+    iterations: Annotated[
+        int | None, typer.Option(help="Decode only the first K iterations (coarser, faster).")
+    ] = None,
+) -> None:
+    """Decode the stream SRC to the PNG DST, at the original bit depth."""
+    try:
+        image = decode_image(src.read_bytes(), iterations=iterations)
+    except (OSError, ValueError) as error:
+        raise _fail(f"{src}: {error}") from error
+    write_png(dst, image)
+    console.print(
+        f"wrote {dst} ({image.pixels.shape[1]}x{image.pixels.shape[0]}, {image.bits_stored} bits)"
+    )
+
+
+def info(src: Annotated[Path, typer.Argument(help="Radiarc stream.")]) -> None:
+    """Describe the stream SRC: model, geometry, bit depth, iterations and bytes per tile."""
+    try:
+        data = src.read_bytes()
+        stream = bitstream.unpack(data)
+    except (OSError, BitstreamError) as error:
+        raise _fail(f"{src}: {error}") from error
+    header = stream.header
+    rows, cols = header.tile_grid
+    console.print(
+        f"format version {bitstream.FORMAT_VERSION}, model {header.model_id} "
+        f"(weights {header.weights_hash.hex()}; installed: {', '.join(installed_models())})"
+    )
+    console.print(
+        f"{header.width}x{header.height} pixels, {header.bits_stored} bits stored, "
+        f"{rows}x{cols} tiles of {header.tile_size}, {len(data)} bytes, "
+        f"{bits_per_pixel(len(data), header.width * header.height):.4f} bpp"
+    )
+    table = Table()
+    for column in ("tile", "iterations", "bytes per iteration"):
+        table.add_column(column)
+    for index, segments in enumerate(stream.tiles):
+        table.add_row(str(index), str(len(segments)), " ".join(str(len(s)) for s in segments))
+    console.print(table)
+
+
+def train(
+    images: Annotated[Path, typer.Argument(help="Folder of training PNGs (8- or 16-bit).")],
+    run_dir: Annotated[Path, typer.Argument(help="Where checkpoints and log.jsonl go.")],
+    resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR's checkpoint.")] = False,
+    minutes: Annotated[float, typer.Option(help="Wall-clock budget.")] = 60.0,
+    no_pooling: Annotated[
+        bool, typer.Option(help="Toderici-style encoder (no multi-level pooling).")
+    ] = False,
+) -> None:
+    """Train the RNN-Conv codec (see `python -m codec.train --help` for every option)."""
+    from codec.train import main as train_main
+
+    argv = [str(images), str(run_dir), "--minutes", str(minutes)]
+    argv += ["--resume"] if resume else []
+    argv += ["--no-pooling"] if no_pooling else []
+    train_main(argv)

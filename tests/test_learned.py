@@ -1,0 +1,191 @@
+"""The learned codec end to end: real network, real entropy-coded bytes, decoded pixels."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from codec import bitstream
+from codec.bitstream import BitstreamError, Stream
+from codec.io import GrayImage
+from codec.learned import decode_image, encode_image
+from codec.metrics import bits_per_pixel, psnr, ssim
+from codec.rate import RateControl
+from codec.tiling import tile_boxes
+from codec.weights import UnknownModelError, installed_models
+
+
+@pytest.fixture(scope="module")
+def odd_crop(chest_xray: GrayImage) -> GrayImage:
+    """A crop whose sides are not multiples of the tile or of 16: edge tiles get padded."""
+    return GrayImage(chest_xray.pixels[200:650, 150:703].copy(), 8)
+
+
+def tile_psnrs(original: GrayImage, decoded: GrayImage, tile: int) -> list[float]:
+    return [
+        psnr(original.pixels[b.slices], decoded.pixels[b.slices], original.bits_stored)
+        for b in tile_boxes(*original.pixels.shape, tile)
+    ]
+
+
+def test_round_trip_shape_depth_and_quality(odd_crop: GrayImage) -> None:
+    result = encode_image(odd_crop, RateControl(iterations=6), tile_size=256)
+    decoded = decode_image(result.data)
+    assert decoded.pixels.shape == odd_crop.pixels.shape
+    assert decoded.pixels.dtype == np.uint8 and decoded.bits_stored == 8
+    assert result.tile_iterations == [6] * 6
+    assert psnr(odd_crop.pixels, decoded.pixels, 8) > 30
+
+
+def test_more_iterations_cost_more_and_look_better(odd_crop: GrayImage) -> None:
+    data = encode_image(odd_crop, RateControl(iterations=6), tile_size=256).data
+    sizes, scores = [], []
+    for k in (1, 3, 6):
+        prefix = bitstream.keep_iterations(data, k)
+        decoded = decode_image(prefix)
+        assert np.array_equal(decoded.pixels, decode_image(data, iterations=k).pixels)
+        sizes.append(len(prefix))
+        scores.append(psnr(odd_crop.pixels, decoded.pixels, 8))
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    assert scores == sorted(scores)
+
+
+@pytest.mark.parametrize("target", [0.125, 0.5])
+def test_bpp_target_is_the_largest_stream_not_above_it(odd_crop: GrayImage, target: float) -> None:
+    result = encode_image(odd_crop, RateControl(bpp=target), tile_size=256)
+    achieved = bits_per_pixel(result.n_bytes, odd_crop.pixels.size)
+    assert result.target_met
+    assert achieved <= target
+    assert achieved > 0.6 * target  # not needlessly small
+
+
+def test_psnr_floor_holds_for_every_tile_on_decoded_pixels(odd_crop: GrayImage) -> None:
+    result = encode_image(odd_crop, RateControl(min_psnr=36), tile_size=256)
+    decoded = decode_image(result.data)
+    assert result.target_met
+    assert min(tile_psnrs(odd_crop, decoded, 256)) >= 36 - 0.05
+    # The floor is met with fewer iterations than the maximum somewhere: adaptivity works.
+    assert (
+        min(result.tile_iterations) < max(result.tile_iterations)
+        or max(result.tile_iterations) < 10
+    )
+
+
+def test_ssim_floor_holds_for_every_tile(odd_crop: GrayImage) -> None:
+    result = encode_image(odd_crop, RateControl(min_ssim=0.9), tile_size=256)
+    decoded = decode_image(result.data)
+    for box in tile_boxes(*odd_crop.pixels.shape, 256):
+        original, restored = odd_crop.pixels[box.slices], decoded.pixels[box.slices]
+        assert ssim(original, restored, 8) >= 0.9 - 1e-3
+
+
+def test_unreachable_floor_is_reported_not_hidden(odd_crop: GrayImage) -> None:
+    result = encode_image(odd_crop, RateControl(min_psnr=99), tile_size=256)
+    assert not result.target_met
+
+
+def test_region_decodes_from_its_tiles_only(odd_crop: GrayImage) -> None:
+    data = encode_image(odd_crop, RateControl(iterations=3), tile_size=256).data
+    full = decode_image(data).pixels
+    region = decode_image(data, region=((100, 300), (240, 300))).pixels
+    assert np.array_equal(region, full[100:300, 240:300])
+    # Corrupting a tile the region does not touch does not stop the region decoding.
+    stream = bitstream.unpack(data)
+    damaged_tiles = [list(s) for s in stream.tiles]
+    damaged_tiles[5] = [b"\xff" + s[1:] for s in damaged_tiles[5]]
+    damaged = bitstream.pack(Stream(stream.header, damaged_tiles))
+    assert np.array_equal(
+        decode_image(damaged, region=((0, 100), (0, 100))).pixels, full[:100, :100]
+    )
+
+
+def test_high_bit_depth_round_trip(chest_xray: GrayImage) -> None:
+    twelve_bit = GrayImage((chest_xray.pixels[:300, :300].astype(np.uint16) << 4) | 7, 12)
+    result = encode_image(twelve_bit, RateControl(iterations=6), tile_size=512)
+    decoded = decode_image(result.data)
+    assert decoded.bits_stored == 12 and decoded.pixels.dtype == np.uint16
+    assert int(decoded.pixels.max()) <= 4095
+    assert psnr(twelve_bit.pixels, decoded.pixels, 12) > 30
+
+
+def test_unknown_model_id_names_the_installed_ones(odd_crop: GrayImage) -> None:
+    data = encode_image(odd_crop, RateControl(iterations=1), tile_size=256).data
+    stream = bitstream.unpack(data)
+    header = stream.header
+    foreign = type(header)(
+        "radiarc-future-v9",
+        *[
+            getattr(header, f)
+            for f in (
+                "weights_hash",
+                "height",
+                "width",
+                "bits_stored",
+                "tile_size",
+                "code_channels",
+            )
+        ],
+    )
+    with pytest.raises(UnknownModelError) as error:
+        decode_image(bitstream.pack(Stream(foreign, stream.tiles)))
+    assert "radiarc-future-v9" in str(error.value)
+    assert all(model in str(error.value) for model in installed_models())
+
+
+def test_weights_hash_mismatch_is_refused(odd_crop: GrayImage) -> None:
+    data = encode_image(odd_crop, RateControl(iterations=1), tile_size=256).data
+    stream = bitstream.unpack(data)
+    header = stream.header
+    other = type(header)(
+        header.model_id,
+        b"\x00" * 8,
+        header.height,
+        header.width,
+        header.bits_stored,
+        header.tile_size,
+        header.code_channels,
+    )
+    with pytest.raises(BitstreamError, match="weights"):
+        decode_image(bitstream.pack(Stream(other, stream.tiles)))
+
+
+def test_truncated_stream_raises(odd_crop: GrayImage) -> None:
+    data = encode_image(odd_crop, RateControl(iterations=2), tile_size=256).data
+    for cut in (0, 10, len(data) // 2, len(data) - 1):
+        with pytest.raises(BitstreamError):
+            decode_image(data[:cut])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(max_size=400))
+def test_random_bytes_raise_the_stream_error(data: bytes) -> None:
+    with pytest.raises(BitstreamError):
+        decode_image(data)
+
+
+DECODE_WITH_THREADS = """
+import sys, hashlib, torch
+torch.set_num_threads(int(sys.argv[1]))
+from codec.learned import decode_image
+print(hashlib.sha256(decode_image(open(sys.argv[2], 'rb').read()).pixels.tobytes()).hexdigest())
+"""
+
+
+def test_decoding_is_identical_across_thread_counts(odd_crop: GrayImage, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "crop.rdrc"
+    path.write_bytes(encode_image(odd_crop, RateControl(iterations=4), tile_size=256).data)
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", DECODE_WITH_THREADS, str(threads), str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        for threads in (1, 2)
+    }
+    assert len(digests) == 1
