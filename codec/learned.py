@@ -127,20 +127,47 @@ def _choose_iterations(
     return chosen, met
 
 
-def encode_image(
+@dataclass(frozen=True)
+class TileCandidates:
+    """Every tile coded to the most iterations: a stream for any rate is a choice among them."""
+
+    header: StreamHeader
+    boxes: list[TileBox]
+    tiles: list[_EncodedTile]
+    peak: int
+
+    def select(self, rate: RateControl) -> EncodeResult:
+        """The stream ``rate`` asks for (its iterations must not exceed those coded)."""
+        if rate.iterations is not None and rate.iterations > len(self.tiles[0].segments):
+            raise ValueError("more iterations asked than were coded")
+        # The container with no segments: what every stream of this image costs in any case.
+        overhead = len(bitstream.pack(Stream(self.header, [[] for _ in self.boxes])))
+        pixels = self.header.height * self.header.width
+        budget = int((rate.bpp or 0) * pixels / 8) - overhead
+        tiles = (
+            [_EncodedTile(t.segments[: rate.iterations], [], []) for t in self.tiles]
+            if rate.iterations is not None
+            else self.tiles
+        )
+        chosen, met = _choose_iterations(tiles, self.boxes, rate, self.peak, budget)
+        stream = Stream(self.header, [t.segments[:k] for t, k in zip(tiles, chosen, strict=True)])
+        return EncodeResult(bitstream.pack(stream), chosen, met)
+
+
+def encode_candidates(
     image: GrayImage,
-    rate: RateControl,
+    iterations: int | None = None,
     model_id: str = DEFAULT_MODEL_ID,
     tile_size: int = DEFAULT_TILE_SIZE,
-) -> EncodeResult:
-    """Compress ``image`` into a Radiarc stream under ``rate``."""
+    with_ssim: bool = False,
+) -> TileCandidates:
+    """Run the network once over every tile, to ``iterations`` (default: as trained)."""
     if tile_size % 16 or tile_size < 16:
         raise ValueError(f"tile size must be a positive multiple of 16, got {tile_size}")
     loaded = load_model(model_id)
     limit = loaded.model.config.max_iterations
-    if rate.iterations is not None and rate.iterations > limit:
-        raise ValueError(f"{model_id} runs at most {limit} iterations, asked {rate.iterations}")
-    iterations = rate.iterations or loaded.trained_iterations
+    if iterations is not None and not 1 <= iterations <= limit:
+        raise ValueError(f"{model_id} runs 1..{limit} iterations, asked {iterations}")
     height, width = image.pixels.shape
     header = StreamHeader(
         model_id,
@@ -152,13 +179,22 @@ def encode_image(
         loaded.model.config.bits,
     )
     boxes = tile_boxes(height, width, tile_size)
-    tiles = _encode_tiles(image, boxes, loaded, iterations, rate.min_ssim is not None)
-    # The container with no segments: what every stream of this image costs in any case.
-    overhead = len(bitstream.pack(Stream(header, [[] for _ in boxes])))
-    budget = int((rate.bpp or 0) * height * width / 8) - overhead
-    chosen, met = _choose_iterations(tiles, boxes, rate, image.peak, budget)
-    stream = Stream(header, [t.segments[:k] for t, k in zip(tiles, chosen, strict=True)])
-    return EncodeResult(bitstream.pack(stream), chosen, met)
+    count = iterations or loaded.trained_iterations
+    tiles = _encode_tiles(image, boxes, loaded, count, with_ssim)
+    return TileCandidates(header, boxes, tiles, image.peak)
+
+
+def encode_image(
+    image: GrayImage,
+    rate: RateControl,
+    model_id: str = DEFAULT_MODEL_ID,
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> EncodeResult:
+    """Compress ``image`` into a Radiarc stream under ``rate``."""
+    candidates = encode_candidates(
+        image, rate.iterations, model_id, tile_size, with_ssim=rate.min_ssim is not None
+    )
+    return candidates.select(rate)
 
 
 def _check_model(header: StreamHeader) -> LoadedModel:

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from flows import codec_commands
+from flows import codec_commands, storage_commands
 
 app = typer.Typer(
     name="radiarc",
@@ -121,6 +121,8 @@ app.command()(codec_commands.encode)
 app.command()(codec_commands.decode)
 app.command()(codec_commands.info)
 app.command()(codec_commands.train)
+app.command()(storage_commands.export)
+app.command()(storage_commands.audit)
 
 
 if __name__ == "__main__":

@@ -83,3 +83,29 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> tuple[str, dict[str, str]]:
+    """A fresh, empty bucket on the moto server: (its name, fsspec storage options)."""
+    import re
+
+    import s3fs
+
+    options = {"endpoint_url": s3_endpoint}
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    bucket = f"t-{abs(hash(request.node.nodeid)) % 10**8}-{name}"[:63].rstrip("-")
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs.mkdir(bucket)
+    return bucket, options
+
+
+@pytest.fixture(scope="module")
+def one_thread_torch() -> Iterator[None]:
+    """Small tiles on a shared 2-core machine run many times faster on one torch thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from codec.baselines import JPEG, JPEG2000, JPEGLS
 from codec.bench import Skip, bd_rate, ms_ssim_db, run_bench, write_report
-from codec.bench.report import CSV_COLUMNS
+from codec.bench.report import CSV_COLUMNS, read_csv
 from codec.io import GrayImage, write_png
 from flows.cli import app, expand_image_paths
 
@@ -84,6 +84,7 @@ def test_write_report_writes_csv_markdown_and_plots(
     for column in ("encode_seconds", "decode_seconds", "target_bpp"):
         assert column in CSV_COLUMNS
     assert len(records) == len(rows) == 16
+    assert read_csv(tmp_path / "points.csv") == rows  # a report can be re-rendered from the CSV
 
     assert (tmp_path / "summary.md").read_text() == markdown
     assert "| codec | target bpp | n | mean bpp | PSNR (dB) | SSIM | MS-SSIM |" in markdown

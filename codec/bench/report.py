@@ -28,6 +28,7 @@ __all__ = [
     "PLOTTED_METRICS",
     "Summary",
     "plot_curves",
+    "read_csv",
     "summarize",
     "summary_markdown",
     "write_csv",
@@ -44,6 +45,28 @@ def write_csv(rows: Sequence[BenchRow], path: Path) -> None:
         writer.writerow(CSV_COLUMNS)
         for row in rows:
             writer.writerow("" if value is None else value for value in dataclasses.astuple(row))
+
+
+def read_csv(path: Path) -> list[BenchRow]:
+    """Rows back from :func:`write_csv`, to re-render a report without re-running the bench."""
+    with path.open(newline="") as handle:
+        return [
+            BenchRow(
+                image=record["image"],
+                bits_stored=int(record["bits_stored"]),
+                codec=record["codec"],
+                target_bpp=float(record["target_bpp"]),
+                parameter=float(record["parameter"]),
+                bytes=int(record["bytes"]),
+                bpp=float(record["bpp"]),
+                psnr=float(record["psnr"]),
+                ssim=float(record["ssim"]),
+                ms_ssim=float(record["ms_ssim"]) if record["ms_ssim"] else None,
+                encode_seconds=float(record["encode_seconds"]),
+                decode_seconds=float(record["decode_seconds"]),
+            )
+            for record in csv.DictReader(handle)
+        ]
 
 
 def _mean(values: Sequence[float | None]) -> float:
@@ -159,12 +182,21 @@ def plot_curves(rows: Sequence[BenchRow], out_dir: Path) -> list[Path]:
     """One PNG per metric: mean metric against mean bpp, one line per codec."""
     paths = []
     summaries = summarize(rows)
+    total = len({row.image for row in rows})
+    legend = {}
+    for codec in dict.fromkeys(row.codec for row in rows):
+        counts = [s.images for s in summaries if s.codec == codec]
+        fewest, most = min(counts), max(counts)
+        coverage = f"{fewest}" if fewest == most else f"{fewest}-{most}"
+        legend[codec] = codec if fewest == total else f"{codec} ({coverage} of {total} images)"
     for metric, label in PLOTTED_METRICS.items():
         figure = Figure(figsize=(6, 4.5), dpi=120)
         axes = figure.subplots()
         for codec in dict.fromkeys(row.codec for row in rows):
             points = sorted((s.bpp, getattr(s, metric)) for s in summaries if s.codec == codec)
-            axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=codec)
+            axes.plot(
+                [p[0] for p in points], [p[1] for p in points], marker="o", label=legend[codec]
+            )
         axes.set_title(f"{label} against rate, mean over images")
         axes.set_xscale("log", base=2)
         axes.set_xlabel("bits per pixel (real bytes)")

@@ -1,0 +1,221 @@
+"""Find the DICOM files of a PACS export at any fsspec URI, streaming, by content.
+
+:func:`scan` is a generator: it lists the export one page at a time (a local directory's
+entries as ``os.scandir`` yields them, S3 keys 1,000 per ``ListObjectsV2`` page, other
+filesystems one directory at a time), reads the first :data:`storage.dicom.SNIFF_BYTES` bytes
+of each file and yields those that look like DICOM (``DICM`` at offset 128, or a plausible
+preamble-less ACR-NEMA element) whatever their name. Memory stays bounded by one page however
+many objects the export holds, and the first item arrives before the listing is finished.
+
+Every :class:`ScanItem` carries a checksum that identifies the bytes: the S3 ETag when the
+store provides one (free with the listing), else a SHA-256 of the content (local files are
+read once more for it; pass ``hash_content=False`` to skip that and leave it to the reader).
+Files that are not DICOM, or cannot be read, are passed to ``on_skip`` with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+from fsspec import AbstractFileSystem
+
+from storage.dicom import SNIFF_BYTES, is_dicom
+from storage.fsutil import StorageOptions, is_local, open_fs, to_uri
+
+__all__ = ["PAGE_SIZE", "ScanItem", "scan", "scan_fs"]
+
+#: Objects listed and sniffed together; also S3's ListObjectsV2 page size.
+PAGE_SIZE = 1000
+_HASH_BLOCK = 1 << 20
+
+SkipHandler = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class ScanItem:
+    """One file recognised as DICOM: where it is, how big, and what identifies its bytes."""
+
+    uri: str  # what to show and record (a plain path for local files, else scheme://...)
+    path: str  # the same file as a path inside the scanned filesystem
+    size: int
+    etag: str | None = None
+    sha256: str | None = None
+
+    @property
+    def checksum(self) -> str | None:
+        """``etag:<etag>`` or ``sha256:<hex>``, whichever is known (the ETag first)."""
+        if self.etag:
+            return f"etag:{self.etag}"
+        if self.sha256:
+            return f"sha256:{self.sha256}"
+        return None
+
+
+def scan(
+    uri: str,
+    storage_options: StorageOptions | None = None,
+    *,
+    hash_content: bool = True,
+    on_skip: SkipHandler | None = None,
+) -> Iterator[ScanItem]:
+    """DICOM files under ``uri`` (a directory, prefix or single file), recursively."""
+    fs, root = open_fs(uri, storage_options)
+    yield from scan_fs(fs, root, hash_content=hash_content, on_skip=on_skip)
+
+
+def scan_fs(
+    fs: AbstractFileSystem,
+    root: str,
+    *,
+    hash_content: bool = True,
+    on_skip: SkipHandler | None = None,
+) -> Iterator[ScanItem]:
+    """:func:`scan` over a filesystem already open."""
+    skip = on_skip or (lambda _uri, _reason: None)
+    for page in _pages(_list_files(fs, root), PAGE_SIZE):
+        yield from _sniff_page(fs, page, hash_content, skip)
+
+
+@dataclass(frozen=True)
+class _Listed:
+    path: str
+    size: int
+    etag: str | None
+
+
+def _pages(entries: Iterable[_Listed], size: int) -> Iterator[list[_Listed]]:
+    iterator = iter(entries)
+    while page := list(islice(iterator, size)):
+        yield page
+
+
+def _list_files(fs: AbstractFileSystem, root: str) -> Iterator[_Listed]:
+    if is_local(fs):
+        yield from _list_local(root)
+    elif "s3" in _protocols(fs) and hasattr(fs, "call_s3"):
+        yield from _list_s3(fs, root)
+    else:
+        yield from _list_generic(fs, root)
+
+
+def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _list_local(root: str) -> Iterator[_Listed]:
+    """Depth-first over ``os.scandir``, one open directory iterator per level; symlinked
+    directories are not followed (no loops), symlinked files are."""
+    if os.path.isfile(root):
+        yield _Listed(root, os.path.getsize(root), None)
+        return
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file():
+                            yield _Listed(entry.path, entry.stat().st_size, None)
+                    except OSError:
+                        continue  # vanished or unreadable entry; nothing to archive
+        except OSError:
+            continue
+
+
+def _list_s3(fs: Any, root: str) -> Iterator[_Listed]:
+    """Every key under ``root`` via ListObjectsV2 pages, without a delimiter: one request per
+    1,000 keys whatever the depth, and nothing kept but the current page."""
+    bucket, _, key = root.partition("/")
+    if key and not key.endswith("/"):
+        try:
+            info = fs.info(root)
+        except FileNotFoundError:
+            info = None
+        if info is not None and info.get("type") == "file":
+            yield _Listed(root, int(info["size"]), _etag(info))
+            return
+        key += "/"
+    token: str | None = None
+    while True:
+        request: dict[str, Any] = {"Bucket": bucket, "Prefix": key, "MaxKeys": PAGE_SIZE}
+        if token:
+            request["ContinuationToken"] = token
+        page = fs.call_s3("list_objects_v2", **request)
+        for item in page.get("Contents", []):
+            if not item["Key"].endswith("/"):
+                yield _Listed(f"{bucket}/{item['Key']}", int(item["Size"]), _etag(item))
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return
+
+
+def _list_generic(fs: AbstractFileSystem, root: str) -> Iterator[_Listed]:
+    """Directory by directory with ``fs.ls`` for filesystems without a streaming listing."""
+    if fs.isfile(root):
+        info = fs.info(root)
+        yield _Listed(root, int(info.get("size") or 0), _etag(info))
+        return
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = fs.ls(directory, detail=True)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for info in entries:
+            name = str(info["name"])
+            if info.get("type") == "directory":
+                if name.rstrip("/") != directory.rstrip("/"):
+                    stack.append(name)
+            else:
+                yield _Listed(name, int(info.get("size") or 0), _etag(info))
+
+
+def _etag(info: dict[str, Any]) -> str | None:
+    value = info.get("ETag") or info.get("etag")
+    return str(value).strip('"') or None if value else None
+
+
+def _sniff_page(
+    fs: AbstractFileSystem, page: list[_Listed], hash_content: bool, skip: SkipHandler
+) -> Iterator[ScanItem]:
+    """Read the head of every file of ``page`` (concurrently on object stores) and keep the
+    DICOM ones."""
+    paths = [entry.path for entry in page]
+    heads = fs.cat_ranges(paths, [0] * len(paths), [SNIFF_BYTES] * len(paths), on_error="return")
+    for entry, head in zip(page, heads, strict=True):
+        uri = to_uri(fs, entry.path)
+        if isinstance(head, BaseException):
+            skip(uri, f"cannot read ({type(head).__name__})")
+            continue
+        if not head:
+            skip(uri, "empty file (0 bytes)")
+            continue
+        if not is_dicom(bytes(head)):
+            skip(uri, "not DICOM (no 'DICM' marker and no ACR-NEMA element at the start)")
+            continue
+        digest = None
+        if entry.etag is None and hash_content:
+            try:
+                digest = _sha256(fs, entry.path)
+            except OSError as error:
+                skip(uri, f"cannot read ({type(error).__name__})")
+                continue
+        yield ScanItem(uri, entry.path, entry.size, entry.etag, digest)
+
+
+def _sha256(fs: AbstractFileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
