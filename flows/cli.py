@@ -25,7 +25,7 @@ def main() -> None:
     """Radiarc: X-ray archives in zarr, compressed by a learned RNN-Conv codec."""
 
 
-DEFAULT_CODECS = "jpeg2000,htj2k,jpegxl,jpeg,jpegls"
+DEFAULT_CODECS = "jpeg2000,htj2k,jpegxl,jpeg,jpegls,rnnconv-pool-v1"
 DEFAULT_BPPS = "0.0625,0.125,0.25,0.5,1.0"
 IMAGE_SUFFIXES = {".png", ".dcm", ""}
 
@@ -73,7 +73,8 @@ def bench(
     codecs: Annotated[
         str,
         typer.Option(
-            help="Comma-separated codecs to compare: jpeg2000, htj2k, jpegxl, jpeg, jpegls."
+            help="Comma-separated codecs to compare: jpeg2000, htj2k, jpegxl, jpeg, jpegls, "
+            "and the installed learned models by id (radiarc info lists them)."
         ),
     ] = DEFAULT_CODECS,
     bpp: Annotated[
@@ -88,18 +89,25 @@ def bench(
         typer.Option(help="Folder for points.csv, summary.md and the psnr/ssim/ms_ssim plots."),
     ] = Path("bench-out"),
 ) -> None:
-    """Compare classical codecs on images at target bit rates: PSNR, SSIM, MS-SSIM, BD-rate."""
-    from codec.baselines import BASELINES
+    """Compare classical and learned codecs at target bit rates: PSNR, SSIM, MS-SSIM, BD-rate."""
+    from codec.baselines import BASELINES, RateDistortionCodec
     from codec.bench import Skip, load_images, run_bench, write_report
+    from codec.learned_rd import LearnedCodec
+    from codec.weights import installed_models
     from storage.images import load_image
 
     names = [name.strip() for name in codecs.split(",") if name.strip()]
-    unknown = [name for name in names if name not in BASELINES]
+    known = [*BASELINES, *installed_models()]
+    unknown = [name for name in names if name not in known]
     if unknown or not names:
         raise typer.BadParameter(
-            f"unknown codec(s) {unknown}; choose from {', '.join(BASELINES)}", param_hint="--codecs"
+            f"unknown codec(s) {unknown}; choose from {', '.join(known)}", param_hint="--codecs"
         )
     targets = parse_bpps(bpp)
+
+    def make(name: str) -> RateDistortionCodec:
+        return BASELINES[name]() if name in BASELINES else LearnedCodec(name)
+
     skipped: list[Skip] = []
     paths = expand_image_paths(images)
     missing = [path for path in paths if not path.exists()]
@@ -111,7 +119,7 @@ def bench(
         typer.echo("no readable images; nothing to bench", err=True)
         raise typer.Exit(code=1)
     rows = run_bench(
-        loaded, [BASELINES[name]() for name in names], targets, skipped=skipped, progress=True
+        loaded, [make(name) for name in names], targets, skipped=skipped, progress=True
     )
     typer.echo(write_report(rows, skipped, out))
     typer.echo(f"wrote {out / 'points.csv'}, {out / 'summary.md'} and plots to {out}", err=True)

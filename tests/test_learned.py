@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from codec import bitstream
 from codec.bitstream import BitstreamError, Stream
 from codec.io import GrayImage
-from codec.learned import decode_image, encode_image
+from codec.learned import (
+    EncodeResult,
+    TileCandidates,
+    decode_image,
+    encode_candidates,
+    encode_image,
+)
 from codec.metrics import bits_per_pixel, psnr, ssim
 from codec.rate import RateControl
 from codec.tiling import tile_boxes
@@ -26,6 +32,17 @@ def odd_crop(chest_xray: GrayImage) -> GrayImage:
     return GrayImage(chest_xray.pixels[200:650, 150:703].copy(), 8)
 
 
+@pytest.fixture(scope="module")
+def six_iterations(odd_crop: GrayImage) -> EncodeResult:
+    return encode_image(odd_crop, RateControl(iterations=6), tile_size=256)
+
+
+@pytest.fixture(scope="module")
+def candidates(odd_crop: GrayImage) -> TileCandidates:
+    """The network run once to the trained depth; each rate mode then selects from it."""
+    return encode_candidates(odd_crop, tile_size=256, with_ssim=True)
+
+
 def tile_psnrs(original: GrayImage, decoded: GrayImage, tile: int) -> list[float]:
     return [
         psnr(original.pixels[b.slices], decoded.pixels[b.slices], original.bits_stored)
@@ -33,8 +50,10 @@ def tile_psnrs(original: GrayImage, decoded: GrayImage, tile: int) -> list[float
     ]
 
 
-def test_round_trip_shape_depth_and_quality(odd_crop: GrayImage) -> None:
-    result = encode_image(odd_crop, RateControl(iterations=6), tile_size=256)
+def test_round_trip_shape_depth_and_quality(
+    odd_crop: GrayImage, six_iterations: EncodeResult
+) -> None:
+    result = six_iterations
     decoded = decode_image(result.data)
     assert decoded.pixels.shape == odd_crop.pixels.shape
     assert decoded.pixels.dtype == np.uint8 and decoded.bits_stored == 8
@@ -42,8 +61,10 @@ def test_round_trip_shape_depth_and_quality(odd_crop: GrayImage) -> None:
     assert psnr(odd_crop.pixels, decoded.pixels, 8) > 30
 
 
-def test_more_iterations_cost_more_and_look_better(odd_crop: GrayImage) -> None:
-    data = encode_image(odd_crop, RateControl(iterations=6), tile_size=256).data
+def test_more_iterations_cost_more_and_look_better(
+    odd_crop: GrayImage, six_iterations: EncodeResult
+) -> None:
+    data = six_iterations.data
     sizes, scores = [], []
     for k in (1, 3, 6):
         prefix = bitstream.keep_iterations(data, k)
@@ -56,16 +77,20 @@ def test_more_iterations_cost_more_and_look_better(odd_crop: GrayImage) -> None:
 
 
 @pytest.mark.parametrize("target", [0.125, 0.5])
-def test_bpp_target_is_the_largest_stream_not_above_it(odd_crop: GrayImage, target: float) -> None:
-    result = encode_image(odd_crop, RateControl(bpp=target), tile_size=256)
+def test_bpp_target_is_the_largest_stream_not_above_it(
+    odd_crop: GrayImage, candidates: TileCandidates, target: float
+) -> None:
+    result = candidates.select(RateControl(bpp=target))
     achieved = bits_per_pixel(result.n_bytes, odd_crop.pixels.size)
     assert result.target_met
     assert achieved <= target
     assert achieved > 0.6 * target  # not needlessly small
 
 
-def test_psnr_floor_holds_for_every_tile_on_decoded_pixels(odd_crop: GrayImage) -> None:
-    result = encode_image(odd_crop, RateControl(min_psnr=36), tile_size=256)
+def test_psnr_floor_holds_for_every_tile_on_decoded_pixels(
+    odd_crop: GrayImage, candidates: TileCandidates
+) -> None:
+    result = candidates.select(RateControl(min_psnr=36))
     decoded = decode_image(result.data)
     assert result.target_met
     assert min(tile_psnrs(odd_crop, decoded, 256)) >= 36 - 0.05
@@ -76,21 +101,21 @@ def test_psnr_floor_holds_for_every_tile_on_decoded_pixels(odd_crop: GrayImage) 
     )
 
 
-def test_ssim_floor_holds_for_every_tile(odd_crop: GrayImage) -> None:
-    result = encode_image(odd_crop, RateControl(min_ssim=0.9), tile_size=256)
+def test_ssim_floor_holds_for_every_tile(odd_crop: GrayImage, candidates: TileCandidates) -> None:
+    result = candidates.select(RateControl(min_ssim=0.9))
     decoded = decode_image(result.data)
     for box in tile_boxes(*odd_crop.pixels.shape, 256):
         original, restored = odd_crop.pixels[box.slices], decoded.pixels[box.slices]
         assert ssim(original, restored, 8) >= 0.9 - 1e-3
 
 
-def test_unreachable_floor_is_reported_not_hidden(odd_crop: GrayImage) -> None:
-    result = encode_image(odd_crop, RateControl(min_psnr=99), tile_size=256)
+def test_unreachable_floor_is_reported_not_hidden(candidates: TileCandidates) -> None:
+    result = candidates.select(RateControl(min_psnr=99))
     assert not result.target_met
 
 
-def test_region_decodes_from_its_tiles_only(odd_crop: GrayImage) -> None:
-    data = encode_image(odd_crop, RateControl(iterations=3), tile_size=256).data
+def test_region_decodes_from_its_tiles_only(six_iterations: EncodeResult) -> None:
+    data = bitstream.keep_iterations(six_iterations.data, 3)
     full = decode_image(data).pixels
     region = decode_image(data, region=((100, 300), (240, 300))).pixels
     assert np.array_equal(region, full[100:300, 240:300])
@@ -113,8 +138,8 @@ def test_high_bit_depth_round_trip(chest_xray: GrayImage) -> None:
     assert psnr(twelve_bit.pixels, decoded.pixels, 12) > 30
 
 
-def test_unknown_model_id_names_the_installed_ones(odd_crop: GrayImage) -> None:
-    data = encode_image(odd_crop, RateControl(iterations=1), tile_size=256).data
+def test_unknown_model_id_names_the_installed_ones(six_iterations: EncodeResult) -> None:
+    data = bitstream.keep_iterations(six_iterations.data, 1)
     stream = bitstream.unpack(data)
     header = stream.header
     foreign = type(header)(
@@ -137,8 +162,8 @@ def test_unknown_model_id_names_the_installed_ones(odd_crop: GrayImage) -> None:
     assert all(model in str(error.value) for model in installed_models())
 
 
-def test_weights_hash_mismatch_is_refused(odd_crop: GrayImage) -> None:
-    data = encode_image(odd_crop, RateControl(iterations=1), tile_size=256).data
+def test_weights_hash_mismatch_is_refused(six_iterations: EncodeResult) -> None:
+    data = bitstream.keep_iterations(six_iterations.data, 1)
     stream = bitstream.unpack(data)
     header = stream.header
     other = type(header)(
@@ -154,8 +179,8 @@ def test_weights_hash_mismatch_is_refused(odd_crop: GrayImage) -> None:
         decode_image(bitstream.pack(Stream(other, stream.tiles)))
 
 
-def test_truncated_stream_raises(odd_crop: GrayImage) -> None:
-    data = encode_image(odd_crop, RateControl(iterations=2), tile_size=256).data
+def test_truncated_stream_raises(six_iterations: EncodeResult) -> None:
+    data = bitstream.keep_iterations(six_iterations.data, 2)
     for cut in (0, 10, len(data) // 2, len(data) - 1):
         with pytest.raises(BitstreamError):
             decode_image(data[:cut])
@@ -176,9 +201,9 @@ print(hashlib.sha256(decode_image(open(sys.argv[2], 'rb').read()).pixels.tobytes
 """
 
 
-def test_decoding_is_identical_across_thread_counts(odd_crop: GrayImage, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_decoding_is_identical_across_thread_counts(six_iterations: EncodeResult, tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "crop.rdrc"
-    path.write_bytes(encode_image(odd_crop, RateControl(iterations=4), tile_size=256).data)
+    path.write_bytes(bitstream.keep_iterations(six_iterations.data, 4))
     digests = {
         subprocess.run(
             [sys.executable, "-c", DECODE_WITH_THREADS, str(threads), str(path)],
