@@ -1,0 +1,25 @@
+"""The learned codec as a bench codec, beside JPEG 2000, on real bytes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from codec.baselines import JPEG2000
+from codec.bench import run_bench
+from codec.io import GrayImage
+from codec.learned_rd import LearnedCodec
+from codec.weights import DEFAULT_MODEL_ID
+
+
+def test_learned_codec_points_are_real_streams_under_target(chest_xray: GrayImage) -> None:
+    crop = GrayImage(np.ascontiguousarray(chest_xray.pixels[256:512, 384:640]), 8)
+    learned = LearnedCodec(DEFAULT_MODEL_ID, tile_size=256)
+    rows = run_bench([("crop", crop)], [learned, JPEG2000()], [0.25, 0.5])
+    ours = [row for row in rows if row.codec == DEFAULT_MODEL_ID]
+    assert [row.target_bpp for row in ours] == [0.25, 0.5]
+    for row in ours:
+        assert row.bpp <= row.target_bpp
+        assert row.bytes * 8 / crop.pixels.size == row.bpp
+        assert 10 < row.psnr < 99
+    assert ours[0].bytes < ours[1].bytes
+    assert {row.codec for row in rows} == {DEFAULT_MODEL_ID, "jpeg2000"}
