@@ -17,7 +17,7 @@ $(BIN)/radiarc: pyproject.toml
 setup: $(BIN)/radiarc
 
 demo: setup
-	$(BIN)/radiarc bench tests/data --out demo-out
+	$(BIN)/radiarc demo --out demo-out
 
 lint: setup
 	$(BIN)/ruff check codec storage flows tests

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from codec import bitstream
+from codec.batch import DEFAULT_BATCH_SIZE, block_candidates
 from codec.bitstream import HASH_BYTES, BitstreamError
 from codec.io import GrayImage
 from codec.learned import decode_image, encode_image
@@ -142,12 +145,7 @@ def content_extent(chunk: np.ndarray) -> tuple[int, int, int]:
 def encode_chunk(array: np.ndarray, settings: ChunkSettings) -> bytes:
     """The chunk stream of one chunk under ``settings``."""
     chunk = as_chunk(np.asarray(array))
-    installed = installed_weights_hash(settings.model_id)
-    if installed != settings.weights_hash:
-        raise ValueError(
-            f"codec is configured for {settings.model_id} weights {settings.weights_hash}, "
-            f"but the installed weights are {installed}"
-        )
+    _check_weights(settings)
     height, width, value = content_extent(chunk)
     envelope = _ENVELOPE.pack(MAGIC, VERSION, *chunk.shape, chunk.dtype.itemsize, value)
     if height == 0:
@@ -158,6 +156,66 @@ def encode_chunk(array: np.ndarray, settings: ChunkSettings) -> bytes:
     with _NETWORK:
         result = encode_image(block, settings.rate, settings.model_id, tile_size)
     return envelope + result.data
+
+
+@dataclass(frozen=True)
+class EncodedChunk:
+    """A chunk stream, the iterations its tile kept (0: a chunk of one value) and whether it
+    met its rate target or quality floor."""
+
+    data: bytes
+    iterations: int
+    target_met: bool
+
+
+def encode_chunks(
+    chunks: Sequence[np.ndarray],
+    settings: Sequence[ChunkSettings],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[EncodedChunk]:
+    """:func:`encode_chunk` for many chunks (of many images) at once, ``settings[i]`` for
+    ``chunks[i]``: the same stream format, with the network run over ``batch_size`` tiles per
+    call (:mod:`codec.batch`) instead of one chunk at a time."""
+    if len(chunks) != len(settings):
+        raise ValueError(f"{len(chunks)} chunks but {len(settings)} settings")
+    results: list[EncodedChunk | None] = [None] * len(chunks)
+    groups: dict[tuple[str, RateControl], list[tuple[int, bytes, GrayImage]]]
+    groups = defaultdict(list)
+    for index, (original, config) in enumerate(zip(chunks, settings, strict=True)):
+        chunk = as_chunk(np.asarray(original))
+        _check_weights(config)
+        height, width, value = content_extent(chunk)
+        envelope = _ENVELOPE.pack(MAGIC, VERSION, *chunk.shape, chunk.dtype.itemsize, value)
+        if height == 0:
+            results[index] = EncodedChunk(envelope, 0, True)
+            continue
+        bits = config.bits_stored or 8 * chunk.dtype.itemsize
+        block = GrayImage(np.ascontiguousarray(chunk[:height, :width]), bits)
+        groups[(config.model_id, config.rate)].append((index, envelope, block))
+    for (model_id, rate), members in groups.items():
+        with _NETWORK:
+            candidates = block_candidates(
+                [block for _, _, block in members],
+                rate.iterations,
+                model_id,
+                with_ssim=rate.min_ssim is not None,
+                batch_size=batch_size,
+            )
+        for (index, envelope, _), candidate in zip(members, candidates, strict=True):
+            result = candidate.select(rate)
+            results[index] = EncodedChunk(
+                envelope + result.data, result.tile_iterations[0], result.target_met
+            )
+    return [result for result in results if result is not None]
+
+
+def _check_weights(settings: ChunkSettings) -> None:
+    installed = installed_weights_hash(settings.model_id)
+    if installed != settings.weights_hash:
+        raise ValueError(
+            f"codec is configured for {settings.model_id} weights {settings.weights_hash}, "
+            f"but the installed weights are {installed}"
+        )
 
 
 def decode_chunk(data: bytes) -> np.ndarray:

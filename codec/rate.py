@@ -11,6 +11,15 @@ import heapq
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
+from codec.metrics import WINDOW, psnr, ssim
+
+#: How far a verified tile may fall below the floor the encoder judged it by: the verifier
+#: measures the whole tile as decoded from the store, the encoder the coded block alone.
+SSIM_TOLERANCE = 1e-3
+PSNR_TOLERANCE = 0.05
+
 
 @dataclass(frozen=True)
 class RateControl:
@@ -87,3 +96,54 @@ def psnr_from_sse(squared_error: float, pixels: int, peak: int) -> float:
     if squared_error == 0:
         return math.inf
     return 10 * math.log10(peak * peak * pixels / squared_error)
+
+
+@dataclass(frozen=True)
+class FloorCheck:
+    """Tiles of a decoded image measured against a quality floor."""
+
+    floor: str  # e.g. "ssim>=0.95"
+    checked: int  # tiles measured (slivers under the SSIM window are not)
+    below: int  # tiles under the floor (beyond the tolerances above)
+    worst: float | None  # the lowest tile score
+
+    @property
+    def met(self) -> bool:
+        return self.below == 0
+
+    def describe(self) -> str:
+        worst = "" if self.worst is None else f", worst tile {self.worst:.4g}"
+        return f"{self.below} of {self.checked} tiles below {self.floor}{worst}"
+
+
+def check_floor(
+    original: np.ndarray,
+    decoded: np.ndarray,
+    bits_stored: int,
+    tile_size: int,
+    rate: RateControl,
+) -> FloorCheck | None:
+    """Each ``tile_size`` tile of ``decoded`` against ``rate``'s quality floor; None when
+    ``rate`` sets no floor. What a verifier runs on pixels read back from storage."""
+    if rate.min_ssim is None and rate.min_psnr is None:
+        return None
+    if original.shape != decoded.shape:
+        raise ValueError(f"shape mismatch: {original.shape} vs {decoded.shape}")
+    scores = []
+    height, width = original.shape
+    for top in range(0, height, tile_size):
+        for left in range(0, width, tile_size):
+            window = (slice(top, top + tile_size), slice(left, left + tile_size))
+            a, b = original[window], decoded[window]
+            if rate.min_ssim is not None:
+                if min(a.shape) >= WINDOW:
+                    scores.append(ssim(a, b, bits_stored))
+            else:
+                scores.append(psnr(a, b, bits_stored))
+    if rate.min_ssim is not None:
+        floor, limit = rate.min_ssim, rate.min_ssim - SSIM_TOLERANCE
+    else:
+        floor, limit = rate.min_psnr or 0.0, (rate.min_psnr or 0.0) - PSNR_TOLERANCE
+    below = sum(1 for score in scores if score < limit)
+    name = "ssim" if rate.min_ssim is not None else "psnr"
+    return FloorCheck(f"{name}>={floor:g}", len(scores), below, min(scores, default=None))

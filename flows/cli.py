@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from flows import codec_commands, storage_commands
+from flows import codec_commands, migrate_command, storage_commands
 
 app = typer.Typer(
     name="radiarc",
@@ -131,6 +131,8 @@ app.command()(codec_commands.info)
 app.command()(codec_commands.train)
 app.command()(storage_commands.export)
 app.command()(storage_commands.audit)
+app.command()(migrate_command.migrate)
+app.command()(migrate_command.demo)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,10 +34,10 @@ from fsspec import AbstractFileSystem
 from codec import bitstream
 from codec.chunk import CODEC_ID, RATE_KEYS, installed_weights_hash
 from codec.metrics import bits_per_pixel, measure
-from codec.rate import RateControl
+from codec.rate import RateControl, check_floor
 from codec.weights import DEFAULT_MODEL_ID
 from codec.zarr_codec import RadiarcZarrCodec
-from storage.chunks import stored_chunks
+from storage.chunks import ChunkIndex, put_chunks, stored_chunks
 from storage.dicom import DicomError
 from storage.fsutil import join
 from storage.layout import LAYOUT_VERSION, Archive, header_text, instance_path
@@ -166,6 +167,8 @@ def archive_instance(
     context: RunContext,
     *,
     read_seconds: float | None = None,
+    encoded: Mapping[ChunkIndex, bytes] | None = None,
+    encode_seconds: float = 0.0,
 ) -> ManifestRow:
     """Archive one decoded instance; the manifest row says how it went.
 
@@ -174,6 +177,13 @@ def archive_instance(
     source pixels, read the stored objects for the real byte count and iterations, then mark
     the array complete with its metrics. Errors after validation give a ``failed`` row; the
     array may then be partial, without ``complete``, and a later run overwrites it.
+
+    ``encoded`` holds chunk streams already encoded elsewhere (by a batch encoder,
+    ``storage.chunks.chunk_arrays`` + ``codec.chunk.encode_chunks`` under
+    ``settings.serializer``), stored as they are instead of zarr encoding chunk by chunk;
+    ``encode_seconds`` is the time that took. Under a quality floor (``min_ssim`` or
+    ``min_psnr``) every tile of the decoded image is measured against it: an image with a tile
+    below it gets a ``failed`` row saying so, and its array stays without ``complete``.
     """
     start = time.perf_counter()
     header = source.dicom.header
@@ -211,12 +221,19 @@ def archive_instance(
             codec_config=codec_config_json(config),
         )
         facts.update(
-            _write_and_verify(archive, source, settings, context, f"{study}/{series}/{sop}")
+            _write_and_verify(
+                archive, source, settings, context, f"{study}/{series}/{sop}", encoded
+            )
         )
+        facts["encode_seconds"] += encode_seconds
     except Exception as error:  # any failure of one image is recorded, not fatal to the run
         reason = redact(f"{type(error).__name__}: {error}", header)
         log.warning("failed %s: %s", sop, reason)
         return _row(context, "failed", reason, facts, start)
+    shortfall = facts.pop("floor_shortfall")
+    if shortfall is not None:
+        log.warning("failed %s: %s", sop, shortfall)
+        return _row(context, "failed", shortfall, facts, start)
     log.info(
         "archived %s: %.1f:1, %.3f bpp, PSNR %.2f dB, SSIM %.4f",
         sop,
@@ -234,6 +251,7 @@ def _write_and_verify(
     settings: ArchiveSettings,
     context: RunContext,
     path: str,
+    encoded: Mapping[ChunkIndex, bytes] | None = None,
 ) -> dict[str, Any]:
     dicom = source.dicom
     image = dicom.image
@@ -283,11 +301,15 @@ def _write_and_verify(
         overwrite=True,
         attributes=attributes,
     )
-    array[...] = image.pixels
-    encoded = time.perf_counter()
+    if encoded is None:
+        array[...] = image.pixels
+    else:
+        put_chunks(archive.fs, join(archive.root, path), array.metadata.to_dict(), encoded)
+    written = time.perf_counter()
 
-    decoded = archive.open_array(path)[...]
-    quality = measure(image.pixels, np.asarray(decoded), image.bits_stored)
+    decoded = np.asarray(archive.open_array(path)[...])
+    quality = measure(image.pixels, decoded, image.bits_stored)
+    floor = check_floor(image.pixels, decoded, image.bits_stored, tile, settings.rate)
     stored = stored_chunks(archive.fs, join(archive.root, path), array.metadata.to_dict())
     pixels = image.pixels.size
     archived_bytes = stored.n_bytes
@@ -304,7 +326,11 @@ def _write_and_verify(
         "iterations_max": max(stored.tile_iterations, default=0),
     }
     attributes["radiarc"]["quality"] = {key: _json_number(value) for key, value in metrics.items()}
-    attributes["radiarc"]["complete"] = True
+    shortfall = None
+    if floor is not None and not floor.met:
+        shortfall = f"below quality floor: {floor.describe()}"
+        attributes["radiarc"]["quality"]["floor_shortfall"] = shortfall
+    attributes["radiarc"]["complete"] = shortfall is None
     attributes["radiarc"]["archived"]["timestamp"] = datetime.now(UTC).isoformat()
     array.update_attributes(attributes)
     verified = time.perf_counter()
@@ -312,8 +338,9 @@ def _write_and_verify(
     return {
         **metrics,
         "metadata_bytes": metadata_bytes,
-        "encode_seconds": encoded - began,
-        "verify_seconds": verified - encoded,
+        "encode_seconds": written - began,
+        "verify_seconds": verified - written,
+        "floor_shortfall": shortfall,
     }
 
 

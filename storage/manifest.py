@@ -49,6 +49,7 @@ __all__ = [
     "done_instances",
     "manifest_dataset",
     "read_manifest",
+    "skipped_sources",
     "validate_run_id",
 ]
 
@@ -343,6 +344,41 @@ def done_instances(
     )
     checksums = [value for value in done["source_checksum_last"].to_pylist() if value]
     return Done(frozenset(done["sop_instance_uid"].to_pylist()), frozenset(checksums))
+
+
+def skipped_sources(
+    archive_uri: str,
+    storage_options: StorageOptions | None = None,
+    *,
+    retry_reasons: tuple[str, ...] = ("cannot read",),
+) -> frozenset[str]:
+    """Checksums of source files whose latest row says they cannot be archived (``skipped``:
+    not decodable, colour, invalid UIDs, ...), so that a re-run need not read them again nor
+    record them twice. Reasons starting with one of ``retry_reasons`` (a read that failed,
+    perhaps for a moment) are left out: those files are worth another try."""
+    wanted = ["source_checksum", "status", "reason", "timestamp"]
+    table = read_manifest(
+        archive_uri,
+        storage_options,
+        columns=wanted,
+        filter=pc.field("source_checksum").is_valid(),
+    )
+    if table.num_rows == 0:
+        return frozenset()
+    table = table.sort_by([("timestamp", "ascending")])
+    latest = table.group_by("source_checksum", use_threads=False).aggregate(
+        [("status", "last"), ("reason", "last")]
+    )
+    settled = []
+    for checksum, status, reason in zip(
+        latest["source_checksum"].to_pylist(),
+        latest["status_last"].to_pylist(),
+        latest["reason_last"].to_pylist(),
+        strict=True,
+    ):
+        if status == "skipped" and not str(reason or "").startswith(retry_reasons):
+            settled.append(checksum)
+    return frozenset(settled)
 
 
 def codec_config_json(config: dict[str, Any]) -> str:

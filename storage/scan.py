@@ -27,7 +27,7 @@ from fsspec import AbstractFileSystem
 from storage.dicom import SNIFF_BYTES, is_dicom
 from storage.fsutil import StorageOptions, is_local, open_fs, to_uri
 
-__all__ = ["PAGE_SIZE", "ScanItem", "scan", "scan_fs"]
+__all__ = ["PAGE_SIZE", "ScanItem", "count_files", "scan", "scan_fs"]
 
 #: Objects listed and sniffed together; also S3's ListObjectsV2 page size.
 PAGE_SIZE = 1000
@@ -79,6 +79,13 @@ def scan_fs(
     skip = on_skip or (lambda _uri, _reason: None)
     for page in _pages(_list_files(fs, root), PAGE_SIZE):
         yield from _sniff_page(fs, page, hash_content, skip)
+
+
+def count_files(uri: str, storage_options: StorageOptions | None = None) -> int:
+    """How many files :func:`scan` will look at under ``uri``: the listing alone (no reads),
+    cheap enough to run beside a scan for a progress bar's total."""
+    fs, root = open_fs(uri, storage_options)
+    return sum(1 for _ in _list_files(fs, root))
 
 
 @dataclass(frozen=True)

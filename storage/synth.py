@@ -5,7 +5,8 @@ a valid single-frame Digital X-Ray DICOM with fresh UIDs and *fictitious* patien
 so that tests can check those values never leak. UIDs are derived from ``seed`` (same seed,
 same file), under the ``2.25.`` UUID root. :func:`write_export` lays out a PACS-like export
 (patient / study / files, some without a ``.dcm`` extension, optionally some in the old
-preamble-less ACR-NEMA form) at any fsspec URI.
+preamble-less ACR-NEMA form) at any fsspec URI. :func:`sample_export` builds the demo's
+export from the sample files the project ships (``tests/data``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from codec.io import GrayImage
+from codec.io import GrayImage, read_png
 from storage.fsutil import StorageOptions, join, open_fs
 from storage.uids import derived_uid
 
@@ -28,6 +30,7 @@ __all__ = [
     "Patient",
     "crops",
     "dicom_bytes",
+    "sample_export",
     "synthetic_dicom",
     "write_export",
 ]
@@ -166,3 +169,36 @@ def write_export(
         fs.pipe_file(path, dicom_bytes(dataset, acr_nema=acr))
         paths.append(path)
     return paths
+
+
+def sample_export(
+    data_dir: str | Path, uri: str, storage_options: StorageOptions | None = None
+) -> list[str]:
+    """A small PACS-like export of real X-rays at ``uri``: every ``*.png`` of ``data_dir``
+    as a synthetic DICOM (fictitious patients, fresh UIDs, deterministic: the same files each
+    time) and every ``*.dcm`` copied unchanged into ``real/``, plus a README that is not DICOM.
+    Returns the paths written."""
+    data = Path(data_dir)
+    pngs = sorted(data.glob("*.png"))
+    dicoms = sorted(data.glob("*.dcm"))
+    if not pngs and not dicoms:
+        raise FileNotFoundError(f"no *.png or *.dcm sample files in {data}")
+    paths = (
+        write_export(
+            uri,
+            [read_png(path) for path in pngs],
+            prefix="radiarc-demo",
+            storage_options=storage_options,
+        )
+        if pngs
+        else []
+    )
+    fs, root = open_fs(uri, storage_options)
+    for path in dicoms:
+        target = join(root, "real", path.name)
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(target, path.read_bytes())
+        paths.append(target)
+    readme = join(root, "README.txt")
+    fs.pipe_file(readme, b"Sample export built by radiarc demo; this file is not DICOM.\n")
+    return [*paths, readme]

@@ -109,3 +109,37 @@ def one_thread_torch() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """Prefect's test harness for the session: a temporary API server and database. Yields its
+    URL, which subprocesses reach through PREFECT_API_URL (no ephemeral server of their own)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_endpoint: str) -> Iterator[str]:
+    """A local Ray of 2 CPUs for a test module; yields its GCS address (for RAY_ADDRESS).
+    Started after the S3 fixture, so its workers inherit the S3 test credentials."""
+    import logging
+
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=128 * 2**20,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    try:
+        yield str(ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()

@@ -119,3 +119,44 @@ def test_no_patient_values_in_manifests_logs_or_reports(
     attrs = zarr.open_array(f"{archive.root}/{archive.locate(sop)}", mode="r").attrs.asdict()
     assert any(value in json.dumps(attrs) for value in phi_values(MONO1))
     assert any(value.encode() in exported.read_bytes() for value in phi_values(MONO1))
+
+
+def test_no_patient_values_from_a_migration_flow(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, prefect_api: str, local_ray: str
+) -> None:
+    """The whole pipeline (Prefect flow, Ray encoders, report, artifact) over an export with a
+    patient-named folder: nothing it writes about the archive names the patient."""
+    from prefect.artifacts import Artifact
+    from prefect.client.orchestration import get_client
+
+    from flows.migrate import ARTIFACT_KEY, migrate_flow
+
+    secrets = sorted({value for value in phi_values(MONO1)} | set(synthetic_phi()))
+    caplog.set_level(logging.DEBUG, logger="flows")
+    caplog.set_level(logging.DEBUG, logger="storage")
+    caplog.set_level(logging.INFO)
+    export, archive = tmp_path / "export", tmp_path / "archive"
+    write_local_export(export, small_pngs(3, side=48))
+    settings = {
+        "codec": {"tile_size": 64, "rate": {"iterations": 1}},
+        "ray": {"workers": 1, "batch_images": 4},
+        "report": {"worst_images": 4, "crop": 32},
+    }
+
+    summary = migrate_flow(str(export), str(archive), settings=settings)
+
+    assert summary.archived == 4 and summary.not_dicom == 3
+    outputs = [repr(summary), caplog.text]
+    outputs += [p.read_bytes().decode("latin-1") for p in (archive / "reports").rglob("*.md")]
+    outputs += [p.read_bytes().decode("latin-1") for p in archive.rglob("*.parquet")]
+    table = read_manifest(str(archive))
+    outputs.append(json.dumps(table.drop(["source_uri"]).to_pylist(), default=str))
+    assert all("<redacted>" in uri or "legacy" in uri for uri in table["source_uri"].to_pylist())
+    artifact = Artifact.get(ARTIFACT_KEY)
+    assert artifact is not None
+    outputs.append(str(artifact.data))
+    with get_client(sync_client=True) as client:
+        outputs += [log.message for log in client.read_logs(limit=200)]
+    for text in outputs:
+        for value in secrets:
+            assert value.lower() not in text.lower(), f"a patient value leaked: {text[:200]!r}"
