@@ -11,19 +11,13 @@ float rounding differences between batch sizes (streams decode the same way what
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-import numpy as np
-import torch
-
-from codec import entropy
 from codec.bitstream import StreamHeader
 from codec.io import GrayImage
-from codec.learned import TileCandidates, _EncodedTile, _normalise, _to_pixels
-from codec.metrics import WINDOW, ssim
-from codec.tiling import TileBox, pad_tile, padded_side
-from codec.weights import DEFAULT_MODEL_ID, LoadedModel, load_model, model_device
+from codec.learned import TileCandidates, code_blocks
+from codec.tiling import TileBox, batches_by_padded_shape, padded_side
+from codec.weights import DEFAULT_MODEL_ID, load_model
 
 __all__ = ["DEFAULT_BATCH_SIZE", "block_candidates"]
 
@@ -48,8 +42,9 @@ def block_candidates(
         raise ValueError(f"{model_id} runs 1..{limit} iterations, asked {iterations}")
     count = iterations or loaded.trained_iterations
     results: list[TileCandidates | None] = [None] * len(blocks)
-    for indices in _groups(blocks, batch_size):
-        tiles = _code_group([blocks[i] for i in indices], loaded, count, with_ssim)
+    shapes = [block.pixels.shape for block in blocks]
+    for indices in batches_by_padded_shape(shapes, batch_size):
+        tiles = code_blocks([blocks[i] for i in indices], loaded, count, with_ssim)
         for index, tile in zip(indices, tiles, strict=True):
             block = blocks[index]
             height, width = block.pixels.shape
@@ -66,44 +61,3 @@ def block_candidates(
                 header, [TileBox(0, 0, height, width)], [tile], block.peak
             )
     return [result for result in results if result is not None]
-
-
-def _groups(blocks: Sequence[GrayImage], batch_size: int) -> Iterator[list[int]]:
-    """Block indices grouped by padded shape, at most ``batch_size`` per group."""
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, block in enumerate(blocks):
-        height, width = block.pixels.shape
-        groups[(padded_side(height), padded_side(width))].append(index)
-    for indices in groups.values():
-        for start in range(0, len(indices), batch_size):
-            yield indices[start : start + batch_size]
-
-
-def _code_group(
-    blocks: list[GrayImage], loaded: LoadedModel, iterations: int, with_ssim: bool
-) -> list[_EncodedTile]:
-    """One network call over blocks of one padded shape; entropy coding and the errors each
-    iteration leaves, per block (what rate control chooses from)."""
-    stacked = np.stack([pad_tile(_normalise(block.pixels, block.peak)) for block in blocks])
-    x = torch.from_numpy(stacked[:, None]).to(model_device(loaded))
-    codes, reconstructions = loaded.model.compress(x, iterations)
-    bits = [(code > 0).to(torch.uint8).cpu().numpy() for code in codes]
-    coded = []
-    for position, block in enumerate(blocks):
-        original = block.pixels
-        height, width = original.shape
-        tile = _EncodedTile([], [], [])
-        previous = None
-        for k in range(iterations):
-            tile.segments.append(
-                entropy.encode_iteration(bits[k][position], previous, k, loaded.tables)
-            )
-            previous = bits[k][position]
-            decoded = _to_pixels(reconstructions[k][position, 0], block.peak, original.dtype)
-            decoded = decoded[:height, :width]
-            diff = original.astype(np.float64) - decoded
-            tile.squared_errors.append(float(np.sum(diff * diff)))
-            if with_ssim and min(height, width) >= WINDOW:
-                tile.ssims.append(ssim(original, decoded, block.bits_stored))
-        coded.append(tile)
-    return coded

@@ -8,8 +8,7 @@ decode only the tiles a region touches.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,9 +17,15 @@ import torch
 from codec import bitstream, entropy
 from codec.bitstream import BitstreamError, Stream, StreamHeader
 from codec.io import GrayImage, peak_value
-from codec.metrics import ssim
+from codec.metrics import WINDOW, ssim
 from codec.rate import RateControl, allocate_bytes, first_meeting, psnr_from_sse
-from codec.tiling import TileBox, pad_tile, tile_boxes, tiles_touching
+from codec.tiling import (
+    TileBox,
+    batches_by_padded_shape,
+    pad_tile,
+    tile_boxes,
+    tiles_touching,
+)
 from codec.weights import DEFAULT_MODEL_ID, LoadedModel, load_model, model_device
 
 DEFAULT_TILE_SIZE = 512
@@ -39,7 +44,9 @@ class EncodeResult:
 
 
 @dataclass
-class _EncodedTile:
+class EncodedTile:
+    """One tile coded to some iterations: a segment, and what it leaves, per iteration."""
+
     segments: list[bytes]
     squared_errors: list[float]
     ssims: list[float]
@@ -54,42 +61,48 @@ def _to_pixels(reconstruction: torch.Tensor, peak: int, dtype: np.dtype) -> np.n
     return np.clip(values, 0, peak).astype(dtype)
 
 
-def _batches(boxes: list[TileBox]) -> Iterator[list[int]]:
-    """Tile indices grouped by padded shape, at most TILE_BATCH per group."""
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, box in enumerate(boxes):
-        groups[box.padded_shape].append(index)
-    for indices in groups.values():
-        for start in range(0, len(indices), TILE_BATCH):
-            yield indices[start : start + TILE_BATCH]
+def code_blocks(
+    blocks: Sequence[GrayImage], loaded: LoadedModel, iterations: int, with_ssim: bool
+) -> list[EncodedTile]:
+    """One network call over blocks that pad to one shape; each block's entropy-coded
+    segments and the error each iteration leaves (what rate control chooses from).
+
+    Blocks may differ in bit depth: each is normalised by its own peak.
+    """
+    stacked = np.stack([pad_tile(_normalise(block.pixels, block.peak)) for block in blocks])
+    x = torch.from_numpy(stacked[:, None]).to(model_device(loaded))
+    codes, reconstructions = loaded.model.compress(x, iterations)
+    bits = [(code > 0).to(torch.uint8).cpu().numpy() for code in codes]
+    coded = []
+    for position, block in enumerate(blocks):
+        original = block.pixels
+        height, width = original.shape
+        tile = EncodedTile([], [], [])
+        previous = None
+        for k in range(iterations):
+            tile.segments.append(
+                entropy.encode_iteration(bits[k][position], previous, k, loaded.tables)
+            )
+            previous = bits[k][position]
+            decoded = _to_pixels(reconstructions[k][position, 0], block.peak, original.dtype)
+            decoded = decoded[:height, :width]
+            diff = original.astype(np.float64) - decoded
+            tile.squared_errors.append(float(np.sum(diff * diff)))
+            if with_ssim and min(height, width) >= WINDOW:
+                tile.ssims.append(ssim(original, decoded, block.bits_stored))
+        coded.append(tile)
+    return coded
 
 
 def _encode_tiles(
     image: GrayImage, boxes: list[TileBox], loaded: LoadedModel, iterations: int, with_ssim: bool
-) -> list[_EncodedTile]:
-    peak, device = image.peak, model_device(loaded)
-    encoded: list[_EncodedTile | None] = [None] * len(boxes)
-    for batch in _batches(boxes):
-        tiles = np.stack([pad_tile(_normalise(image.pixels[boxes[i].slices], peak)) for i in batch])
-        x = torch.from_numpy(tiles[:, None]).to(device)
-        codes, reconstructions = loaded.model.compress(x, iterations)
-        bits = [(code > 0).to(torch.uint8).cpu().numpy() for code in codes]
-        for position, index in enumerate(batch):
-            box = boxes[index]
-            original = image.pixels[box.slices]
-            tile = _EncodedTile([], [], [])
-            previous = None
-            for k in range(iterations):
-                tile.segments.append(
-                    entropy.encode_iteration(bits[k][position], previous, k, loaded.tables)
-                )
-                previous = bits[k][position]
-                decoded = _to_pixels(reconstructions[k][position, 0], peak, original.dtype)
-                decoded = decoded[: box.height, : box.width]
-                diff = original.astype(np.float64) - decoded
-                tile.squared_errors.append(float(np.sum(diff * diff)))
-                if with_ssim and min(box.height, box.width) >= 11:
-                    tile.ssims.append(ssim(original, decoded, image.bits_stored))
+) -> list[EncodedTile]:
+    blocks = [GrayImage(image.pixels[box.slices], image.bits_stored) for box in boxes]
+    encoded: list[EncodedTile | None] = [None] * len(boxes)
+    shapes = [(box.height, box.width) for box in boxes]
+    for batch in batches_by_padded_shape(shapes, TILE_BATCH):
+        coded = code_blocks([blocks[i] for i in batch], loaded, iterations, with_ssim)
+        for index, tile in zip(batch, coded, strict=True):
             encoded[index] = tile
     return [tile for tile in encoded if tile is not None]
 
@@ -99,7 +112,7 @@ def _varint_size(value: int) -> int:
 
 
 def _choose_iterations(
-    tiles: list[_EncodedTile], boxes: list[TileBox], rate: RateControl, peak: int, budget: int
+    tiles: list[EncodedTile], boxes: list[TileBox], rate: RateControl, peak: int, budget: int
 ) -> tuple[list[int], bool]:
     """Iterations per tile, and whether the rate target or quality floor was met.
 
@@ -133,7 +146,7 @@ class TileCandidates:
 
     header: StreamHeader
     boxes: list[TileBox]
-    tiles: list[_EncodedTile]
+    tiles: list[EncodedTile]
     peak: int
 
     def select(self, rate: RateControl) -> EncodeResult:
@@ -145,7 +158,7 @@ class TileCandidates:
         pixels = self.header.height * self.header.width
         budget = int((rate.bpp or 0) * pixels / 8) - overhead
         tiles = (
-            [_EncodedTile(t.segments[: rate.iterations], [], []) for t in self.tiles]
+            [EncodedTile(t.segments[: rate.iterations], [], []) for t in self.tiles]
             if rate.iterations is not None
             else self.tiles
         )
@@ -241,7 +254,8 @@ def decode_image(
     dtype = np.dtype(np.uint8 if header.bits_stored <= 8 else np.uint16)
     output = np.zeros((rows[1] - rows[0], cols[1] - cols[0]), dtype=dtype)
     device = model_device(loaded)
-    for batch in _batches([boxes[i] for i in wanted]):
+    shapes = [(boxes[i].height, boxes[i].width) for i in wanted]
+    for batch in batches_by_padded_shape(shapes, TILE_BATCH):
         indices = [wanted[i] for i in batch]
         padded = boxes[indices[0]].padded_shape
         shape = (header.code_channels, padded[0] // 16, padded[1] // 16)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,3 +58,16 @@ def pad_tile(tile: np.ndarray) -> np.ndarray:
     return np.pad(
         tile, ((0, padded_side(height) - height), (0, padded_side(width) - width)), "edge"
     )
+
+
+def batches_by_padded_shape(
+    shapes: Sequence[tuple[int, int]], batch_size: int
+) -> Iterator[list[int]]:
+    """Indices of ``shapes`` grouped by padded shape, at most ``batch_size`` per group: tiles
+    that pad to the same grid can share one network call."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, (height, width) in enumerate(shapes):
+        groups[(padded_side(height), padded_side(width))].append(index)
+    for indices in groups.values():
+        for start in range(0, len(indices), batch_size):
+            yield indices[start : start + batch_size]
