@@ -56,6 +56,7 @@ from pydicom.uid import (
 from pydicom.valuerep import VR
 
 from codec.io import GrayImage, ImageError, peak_value
+from storage.phi import phi_values
 
 __all__ = [
     "MAX_PIXELS",
@@ -79,7 +80,6 @@ _FIRST_GROUPS = frozenset({0x0000, 0x0002, 0x0008})
 _EXPLICIT_VRS = frozenset(vr.value.encode("ascii") for vr in VR)
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 # Values that must never reach an error message or a log.
-_PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs")
 _MAX_REASON = 200
 
 Source = str | Path | bytes | bytearray | memoryview | IO[bytes]
@@ -378,37 +378,12 @@ def _int_attr(dataset: Dataset, keyword: str, label: str, default: int | None = 
         raise DicomError(label, f"{keyword} is not an integer") from error
 
 
-def _phi_values(dataset: Dataset) -> list[str]:
-    """The patient attributes' values as text, read raw so that pydicom never validates (and
-    so never warns or logs) them."""
-    values: list[str] = []
-    for keyword in _PHI_KEYWORDS:
-        tag = pydicom.datadict.tag_for_keyword(keyword)
-        if tag is None or tag not in dataset:
-            continue
-        try:
-            raw = dataset.get_item(tag).value
-        except Exception:
-            continue
-        if isinstance(raw, bytes):
-            text = raw.decode("latin-1")
-        elif isinstance(raw, list | tuple):
-            text = "\\".join(str(item) for item in raw)
-        else:
-            text = str(raw) if raw is not None else ""
-        for part in [text, *text.split("\\"), *text.split("^")]:
-            part = part.strip(" \x00")
-            if len(part) >= 2:
-                values.append(part)
-    return sorted(set(values), key=len, reverse=True)
-
-
 def _clean(error: BaseException, dataset: Dataset | None = None) -> str:
     """An exception's text, shortened, without any patient-identifying value in it."""
     text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     text = " ".join(text.split())
     if dataset is not None:
-        for value in _phi_values(dataset):
+        for value in phi_values(dataset):
             text = text.replace(value, "<redacted>")
     if len(text) > _MAX_REASON:
         text = text[: _MAX_REASON - 3] + "..."

@@ -55,34 +55,14 @@ def chest_xray() -> GrayImage:
     return read_png(DATA / "00007617_000.png")
 
 
-DUMMY_AWS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3 API (moto's server) on 127.0.0.1, with dummy credentials in the environment
     (subprocesses inherit them). Pass the URL as ``endpoint_url`` to s3fs / zarr's FsspecStore."""
-    from moto.server import ThreadedMotoServer
+    from storage.bench import moto_server
 
-    saved = {name: os.environ.get(name) for name in DUMMY_AWS}
-    os.environ.update(DUMMY_AWS)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture
