@@ -145,7 +145,7 @@ def decode_iteration(
         bits[mask_a] = decoder.decode(_MODEL, prob_a[mask_a])
         _, prob_b = _pass_probabilities(tables, iteration, previous, bits, shape)
         bits[~mask_a] = decoder.decode(_MODEL, prob_b[~mask_a])
-    except (ValueError, RuntimeError, OverflowError) as error:
+    except (ValueError, RuntimeError, OverflowError, AssertionError) as error:  # constriction
         raise EntropyCodingError(f"entropy-coded segment does not decode: {error}") from error
     return bits
 

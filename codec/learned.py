@@ -262,6 +262,10 @@ def decode_image(
         kept = [stream.tiles[i][:iterations] if iterations else stream.tiles[i] for i in indices]
         if any(not segments for segments in kept):
             raise BitstreamError("a tile has no iterations")
+        if any(len(segments) > loaded.model.config.max_iterations for segments in kept):
+            raise BitstreamError(
+                f"a tile has more iterations than the model's {loaded.model.config.max_iterations}"
+            )
         tile_bits = [_decode_bits(segments, shape, loaded) for segments in kept]
         most = max(len(b) for b in tile_bits)
         codes = []

@@ -18,30 +18,39 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
+import numpy as np
 import torch
 
-from codec.chunk import encode_chunks
+from codec.chunk import ChunkSettings, encode_chunks
 from codec.weights import load_model, model_device
-from storage.archive import Archive, ArchiveSettings, RunContext, archive_instance, skipped_row
-from storage.chunks import chunk_arrays
+from flows.failpoints import FailPoints
+from storage.archive import (
+    Archive,
+    ArchiveSettings,
+    RunContext,
+    archive_instance,
+    skipped_row,
+    unreadable_row,
+)
+from storage.chunks import ChunkIndex, chunk_arrays
 from storage.dicom import DicomError
 from storage.fsutil import StorageOptions, open_fs
 from storage.layout import instance_path
 from storage.manifest import ManifestRow, default_worker
+from storage.retry import is_transient, with_retries
 from storage.scan import ScanItem
-from storage.source import SourceImage, read_source
+from storage.source import SourceImage, SourceReadError, read_source
 from storage.uids import UIDError
 
-__all__ = ["STAGES", "BatchResult", "Encoder", "EncoderJob", "is_transient"]
+__all__ = ["STAGES", "BatchResult", "Encoder", "EncoderJob", "is_transient", "with_retries"]
 
 log = logging.getLogger(__name__)
 STAGES = ("read", "encode", "write", "verify")
-T = TypeVar("T")
+Streams = dict[ChunkIndex, bytes]
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class EncoderJob:
     tile_batch: int = 8
     read_attempts: int = 3
     backoff_seconds: float = 0.5
+    failpoints: FailPoints = field(default_factory=FailPoints)
 
 
 @dataclass
@@ -103,8 +113,15 @@ class Encoder:
                     self.job.read_attempts,
                     self.job.backoff_seconds,
                 )
+            except SourceReadError as error:
+                reason = f"{error.reason}, {self.job.read_attempts} attempts"
+                log.warning("failed to read a file: %s", reason)  # no URI: it may hold PHI
+                rows.append(
+                    unreadable_row(self.context, item.uri, reason, item.checksum, item.size)
+                )
+                continue
             except DicomError as error:
-                log.warning("skipped a file: %s", error.reason)  # no URI: it may hold PHI
+                log.warning("skipped a file: %s", error.reason)
                 rows.append(
                     skipped_row(self.context, item.uri, error.reason, item.checksum, item.size)
                 )
@@ -123,7 +140,8 @@ class Encoder:
                 self.job.archive_settings,
                 self.context,
                 read_seconds=read_seconds,
-                encoded=chunks,
+                encoded=None if isinstance(chunks, Exception) else chunks,
+                encode_error=chunks if isinstance(chunks, Exception) else None,
                 encode_seconds=share,
             )
             seconds["write"] += max(0.0, (row.encode_seconds or share) - share)
@@ -134,70 +152,65 @@ class Encoder:
 
     def _encode(
         self, sources: list[tuple[SourceImage, float]], seconds: dict[str, float]
-    ) -> tuple[int, list[dict[tuple[int, int], bytes] | None], list[float]]:
+    ) -> tuple[int, list[Streams | Exception | None], list[float]]:
         """Every chunk of every valid image in batched network calls; per image its streams
-        and its share of the time. Images with invalid UIDs get ``None`` (archive_instance
-        skips them before any coding), and so do all images if batched encoding fails: zarr
-        then codes each image alone, so that one bad image fails alone."""
-        settings = self.job.archive_settings
-        encoded: list[dict[tuple[int, int], bytes] | None] = [None] * len(sources)
-        arrays, configs, owners = [], [], []
-        for position, (source, _) in enumerate(sources):
-            try:
-                instance_path(source.dicom.header, settings.lenient_uids)
-            except UIDError:
-                continue
-            encoded[position] = {}
-            image = source.dicom.image
-            config = settings.serializer(image.bits_stored).settings
-            for index, chunk in chunk_arrays(image.pixels, settings.tile_size):
-                arrays.append(chunk)
-                configs.append(config)
-                owners.append((position, index))
+        (``None`` for an image with invalid UIDs, which archive_instance skips before any
+        coding) and its share of the time. If the batched call fails, each image is encoded
+        alone, so that an image that breaks the encoder fails alone: its entry is then the
+        exception, which becomes that image's ``failed`` row."""
         started = time.perf_counter()
+        images = [self._image_chunks(source) for source, _ in sources]
+        encoded: list[Streams | Exception | None]
         try:
-            streams = encode_chunks(arrays, configs, self.job.tile_batch)
-        except Exception as error:  # each image's failure is recorded by the zarr path
-            log.warning("batched encoding failed (%s); coding images alone", type(error).__name__)
-            return len(arrays), [None] * len(sources), [0.0] * len(sources)
-        finally:
-            elapsed = time.perf_counter() - started
-            seconds["encode"] += elapsed
-        counts = [0] * len(sources)
-        for (position, index), stream in zip(owners, streams, strict=True):
-            chunks = encoded[position]
-            assert chunks is not None
-            chunks[index] = stream.data
-            counts[position] += 1
-        total = sum(counts) or 1
-        return len(arrays), encoded, [elapsed * count / total for count in counts]
-
-
-def is_transient(error: BaseException) -> bool:
-    """An I/O error worth retrying: a dropped connection or a timeout, not a missing file or
-    a refused permission (those will not change by waiting)."""
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, ConnectionError | TimeoutError):
-            return True
-        if isinstance(cause, OSError) and not isinstance(
-            cause, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError
-        ):
-            return True
-        cause = cause.__cause__
-    return False
-
-
-def with_retries(call: Callable[[], T], attempts: int, backoff_seconds: float) -> T:
-    """``call()``, again after 1x, 2x, 4x ... ``backoff_seconds`` while it fails transiently."""
-    for attempt in range(attempts):
-        try:
-            return call()
+            encoded = list(self._encode_images(images))
         except Exception as error:
-            if attempt == attempts - 1 or not is_transient(error.__cause__ or error):
-                raise
-            time.sleep(backoff_seconds * 2**attempt)
-    raise AssertionError("unreachable")
+            log.warning("batched encoding failed (%s); coding images alone", type(error).__name__)
+            encoded = []
+            for image in images:
+                try:
+                    encoded.extend(self._encode_images([image]))
+                except Exception as alone:
+                    encoded.append(alone)
+        elapsed = time.perf_counter() - started
+        seconds["encode"] += elapsed
+        counts = [len(image.chunks) if image else 0 for image in images]
+        total = sum(counts) or 1
+        return sum(counts), encoded, [elapsed * count / total for count in counts]
+
+    def _image_chunks(self, source: SourceImage) -> _ImageChunks | None:
+        """The image's zarr chunks and codec settings; None when its UIDs are invalid."""
+        settings = self.job.archive_settings
+        try:
+            instance_path(source.dicom.header, settings.lenient_uids)
+        except UIDError:
+            return None
+        image = source.dicom.image
+        return _ImageChunks(
+            source.checksum,
+            settings.serializer(image.bits_stored).settings,
+            chunk_arrays(image.pixels, settings.tile_size),
+        )
+
+    def _encode_images(self, images: list[_ImageChunks | None]) -> list[Streams | None]:
+        """All chunks of ``images`` through the network together, one stream map per image."""
+        for image in images:
+            if image is not None:
+                self.job.failpoints.check("encode", image.checksum)
+        present = [image for image in images if image is not None]
+        arrays = [chunk for image in present for _, chunk in image.chunks]
+        configs = [image.config for image in present for _ in image.chunks]
+        streams = iter(encode_chunks(arrays, configs, self.job.tile_batch))
+        return [
+            None if image is None else {index: next(streams).data for index, _ in image.chunks}
+            for image in images
+        ]
+
+
+@dataclass(frozen=True)
+class _ImageChunks:
+    checksum: str
+    config: ChunkSettings
+    chunks: list[tuple[ChunkIndex, np.ndarray]]
 
 
 def actor_options(ray_settings: Any) -> dict[str, Any]:

@@ -131,6 +131,7 @@ app.command()(codec_commands.info)
 app.command()(codec_commands.train)
 app.command()(storage_commands.export)
 app.command()(storage_commands.audit)
+app.command()(storage_commands.verify)
 app.command()(migrate_command.migrate)
 app.command()(migrate_command.demo)
 

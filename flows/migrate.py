@@ -25,6 +25,7 @@ import resource
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,18 +39,22 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import Task, exponential_backoff
 
-from flows.actors import STAGES, BatchResult, Encoder, EncoderJob, actor_options, is_transient
+from flows.actors import STAGES, BatchResult, Encoder, EncoderJob, actor_options
+from flows.failpoints import FailPoints
 from flows.progress import ProgressSink, current
 from flows.settings import MigrationSettings
-from storage.archive import Archive, RunContext
+from storage.archive import Archive, RunContext, unreadable_row
 from storage.audit import connect, summary
 from storage.manifest import Done, ManifestRow, ManifestWriter, done_instances, skipped_sources
 from storage.report import Report, RunTotals, write_report
+from storage.retry import is_transient
 from storage.scan import ScanItem, count_files, scan
 
 __all__ = ["RunSummary", "migrate", "migrate_flow", "new_run_id"]
 
 ARTIFACT_KEY = "radiarc-migration-report"
+#: How storage.scan names a file it could not read (as opposed to one that is not DICOM).
+UNREADABLE = "cannot read"
 _LOG_EVERY_SECONDS = 30.0
 log = logging.getLogger(__name__)
 
@@ -172,6 +177,7 @@ class _Tally:
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     peak_worker_rss_mb: float = 0.0
     files_listed: int | None = None
+    unread: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def set_total(self, files: int) -> None:
@@ -179,11 +185,24 @@ class _Tally:
             self.files_listed = files
             self.sink.set_total(files)
 
-    def on_not_dicom(self, _uri: str, reason: str) -> None:  # never log the URI: PHI
+    def on_not_dicom(self, uri: str, reason: str) -> None:  # never log the URI: PHI
         with self.lock:
+            if reason.startswith(UNREADABLE):
+                # Not known to be DICOM or not: a failed row, so the next run looks again.
+                self.unread.append((uri, f"{reason} while scanning"))
+                return
             self.not_dicom[reason] = self.not_dicom.get(reason, 0) + 1
             self.counts["not DICOM"] += 1
             self.sink.advance(1, 0, self.counts)
+
+    def take_unread(self, context: RunContext) -> list[ManifestRow]:
+        """Failed rows for the files the scan could not read since the last call."""
+        with self.lock:
+            unread, self.unread = self.unread, []
+            self.counts["failed"] += len(unread)
+            if unread:
+                self.sink.advance(len(unread), 0, self.counts)
+        return [unreadable_row(context, uri, reason) for uri, reason in unread]
 
     def on_done_before(self, settled: bool) -> None:
         with self.lock:
@@ -258,6 +277,7 @@ def migrate(source: str, archive_uri: str, config: MigrationSettings) -> RunSumm
         device=_device(config),
         torch_threads=config.ray.torch_threads or max(1, int(config.ray.cpus_per_worker)),
         tile_batch=config.ray.tile_batch,
+        failpoints=FailPoints.from_env(),
     )
     pool = _EncoderPool(config, job)
     scanned = scan(source, config.source_options, on_skip=tally.on_not_dicom)
@@ -339,7 +359,7 @@ def _archive_all(
     try:
         for batch, outcome in _dispatch(pool, batches, config.ray.max_in_flight()):
             result = outcome if isinstance(outcome, BatchResult) else _lost(batch, job, outcome)
-            for row in result.rows:
+            for row in [*result.rows, *tally.take_unread(job.context)]:
                 writer.add(row)
             tally.on_result(result)
             if unwritten == 0:
@@ -354,6 +374,8 @@ def _archive_all(
                 logger.info("progress: %s", _counts_text(tally))
                 last_log = now
     finally:
+        for row in tally.take_unread(job.context):
+            writer.add(row)
         write_manifest_part(writer)
 
 
@@ -366,25 +388,48 @@ def _device(config: MigrationSettings) -> str:
 
 class _EncoderPool:
     """Ray and the encoder actors, started when the first batch needs them (a run with
-    nothing left to do starts neither), stopped at the end."""
+    nothing left to do starts neither), stopped at the end. An encoder that died for good
+    (its own restarts spent) is replaced by a fresh one, up to ``replacements`` times."""
 
     def __init__(self, config: MigrationSettings, job: EncoderJob) -> None:
         self.config = config
         self.job = job
         self.actors: list[Any] = []
+        self.generations: list[int] = []
         self.workers: list[str] = []
         self.started_ray = False
+        self.replacements = max(4, 2 * config.ray.workers)
 
     def start(self) -> list[Any]:
         if not self.actors:
             self.started_ray = _connect_ray(self.config)
-            remote = ray.remote(Encoder).options(**actor_options(self.config.ray))
-            self.actors = [remote.remote(self.job) for _ in range(self.config.ray.workers)]
+            self.actors = [self._new_actor() for _ in range(self.config.ray.workers)]
+            self.generations = [0] * len(self.actors)
             self.workers = ray.get([actor.ready.remote() for actor in self.actors])
             get_run_logger().info(
                 "%d encoders ready: %s", len(self.workers), ", ".join(self.workers)
             )
         return self.actors
+
+    def _new_actor(self) -> Any:
+        return ray.remote(Encoder).options(**actor_options(self.config.ray)).remote(self.job)
+
+    def replace(self, position: int, generation: int) -> None:
+        """A fresh encoder at ``position`` if the one of ``generation`` is still there."""
+        if self.generations[position] != generation:
+            return  # already replaced, for another batch it had
+        if self.replacements == 0:
+            raise EncodersLostError(
+                "encoders keep dying even after replacement; stopping the run (the rows "
+                "written so far are kept; a new run resumes from them)"
+            )
+        self.replacements -= 1
+        ray.kill(self.actors[position])
+        self.actors[position] = self._new_actor()
+        self.generations[position] += 1
+        get_run_logger().warning(
+            "encoder %d died; replaced it (%d replacements left)", position, self.replacements
+        )
 
     def close(self) -> None:
         for actor in self.actors:
@@ -393,6 +438,10 @@ class _EncoderPool:
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
+
+
+class EncodersLostError(RuntimeError):
+    """Encoders died more often than the pool will replace them."""
 
 
 def _connect_ray(config: MigrationSettings) -> bool:
@@ -447,36 +496,89 @@ def _dispatch(
 ) -> Iterator[tuple[list[ScanItem], BatchResult | BaseException]]:
     """Each batch to the least busy encoder, at most ``in_flight`` outstanding; results in
     the order they finish. Only then is the next batch taken from the (lazy) scan."""
-    pending: dict[Any, tuple[int, list[ScanItem]]] = {}
-    actors: list[Any] = []
-    load: list[int] = []
-
-    def finish() -> Iterator[tuple[list[ScanItem], BatchResult | BaseException]]:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            position, batch = pending.pop(ref)
-            load[position] -= 1
-            try:
-                yield batch, ray.get(ref)
-            except ray.exceptions.RayError as error:
-                yield batch, error
-
+    dispatcher = _Dispatcher(pool, in_flight)
     for batch in batches:
-        if not actors:
-            actors = pool.start()
-            load = [0] * len(actors)
-        while len(pending) >= in_flight:
-            yield from finish()
-        position = min(range(len(actors)), key=load.__getitem__)
-        pending[actors[position].process.remote(batch)] = (position, batch)
-        load[position] += 1
-    while pending:
-        yield from finish()
+        if not dispatcher.load:
+            dispatcher.load = [0] * len(pool.start())
+        while not dispatcher.has_room():
+            yield from dispatcher.finish_one()
+        dispatcher.submit(batch)
+    while dispatcher.busy():
+        yield from dispatcher.finish_one()
+
+
+@dataclass
+class _Task:
+    batch: list[ScanItem]
+    position: int
+    generation: int
+    alone: bool  # a suspect run on an encoder with nothing else to do
+
+
+class _Dispatcher:
+    """Batches in flight on the encoders, and what to do when an encoder dies for good.
+
+    Every batch that was on a dead encoder is a suspect: one of its files may be what killed
+    it (a native decoder's crash). Their files are run again one at a time, each alone on an
+    idle (fresh) encoder, so that the file that kills encoders is identified and fails alone
+    while the others are archived."""
+
+    def __init__(self, pool: _EncoderPool, in_flight: int) -> None:
+        self.pool = pool
+        self.in_flight = in_flight
+        self.pending: dict[Any, _Task] = {}
+        self.suspects: deque[ScanItem] = deque()
+        self.load: list[int] = []
+
+    def has_room(self) -> bool:
+        self._run_suspects()
+        return len(self.pending) < self.in_flight and bool(self._open_loads())
+
+    def busy(self) -> bool:
+        self._run_suspects()
+        return bool(self.pending or self.suspects)
+
+    def submit(self, batch: list[ScanItem], alone: bool = False) -> None:
+        candidates = [i for i, load in enumerate(self.load) if not self._isolated(i)]
+        position = min(candidates, key=self.load.__getitem__)
+        ref = self.pool.actors[position].process.remote(batch)
+        self.pending[ref] = _Task(batch, position, self.pool.generations[position], alone)
+        self.load[position] += 1
+
+    def finish_one(self) -> Iterator[tuple[list[ScanItem], BatchResult | BaseException]]:
+        ready, _ = ray.wait(list(self.pending), num_returns=1)
+        for ref in ready:
+            task = self.pending.pop(ref)
+            self.load[task.position] -= 1
+            try:
+                yield task.batch, ray.get(ref)
+            except ray.exceptions.RayActorError as error:
+                self.pool.replace(task.position, task.generation)
+                if task.alone:
+                    yield task.batch, error  # it killed an encoder on its own: the culprit
+                else:
+                    self.suspects.extend(task.batch)
+            except ray.exceptions.RayError as error:
+                yield task.batch, error
+
+    def _isolated(self, position: int) -> bool:
+        return any(t.alone and t.position == position for t in self.pending.values())
+
+    def _open_loads(self) -> list[int]:
+        return [load for i, load in enumerate(self.load) if not self._isolated(i)]
+
+    def _run_suspects(self) -> None:
+        """Each suspect alone on an idle encoder, while one is idle."""
+        while self.suspects:
+            idle = [i for i, load in enumerate(self.load) if load == 0]
+            if not idle:
+                return
+            self.submit([self.suspects.popleft()], alone=True)
 
 
 def _lost(batch: list[ScanItem], job: EncoderJob, error: BaseException) -> BatchResult:
     """Failed rows for a batch whose encoder died for good (the next run retries them)."""
-    reason = f"encoder lost: {type(error).__name__}"
+    reason = f"encoder lost while archiving this file: {type(error).__name__}"
     log.warning("%d files failed: %s", len(batch), reason)
     now = datetime.now(UTC)
     rows = [

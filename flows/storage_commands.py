@@ -1,4 +1,4 @@
-"""``radiarc export`` and ``radiarc audit``: thin wrappers over storage/.
+"""``radiarc export``, ``radiarc audit`` and ``radiarc verify``: thin wrappers over storage/.
 
 Archives may be local paths or any fsspec URI (``s3://bucket/archive``). Options for the
 filesystem come from ``--endpoint-url`` (an S3 server other than AWS) and
@@ -128,3 +128,75 @@ def audit(
     except (duckdb.Error, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from error
     typer.echo(render(sections, format), nl=False)
+
+
+def verify(
+    archive: Annotated[str, typer.Argument(help="Archive path or URI (s3://bucket/archive).")],
+    sample: Annotated[
+        int | None,
+        typer.Option(help="Check this many randomly chosen archived instances (default 20)."),
+    ] = None,
+    all_instances: Annotated[
+        bool,
+        typer.Option("--all", help="Check every archived instance, and look for orphan arrays."),
+    ] = False,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of the random sample (default: a new one, printed)."),
+    ] = None,
+    run: Annotated[
+        str | None, typer.Option(help="Only instances whose latest archived row is this run's.")
+    ] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="Output: table or json.")] = "table",
+    endpoint_url: EndpointOption = None,
+    storage_option: StorageOptionOption = None,
+) -> None:
+    """Check archived images against the manifests: each array exists and is complete, its
+    stored bytes match the SHA-256 recorded at archive time, every chunk decodes (per-tile
+    CRCs), shape and bytes match the manifest. Exit status 1 when anything is missing or
+    corrupt."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from storage.audit import render
+    from storage.verify import DEFAULT_SAMPLE, verify_archive
+
+    if format not in ("table", "json"):
+        raise _fail("--format must be table or json")
+    if all_instances and sample is not None:
+        raise _fail("give --sample N or --all, not both")
+    if sample is not None and sample < 1:
+        raise _fail("--sample must be at least 1")
+    options = storage_options(endpoint_url, storage_option)
+    console = Console(stderr=True)
+    bar = Progress(
+        "verifying",
+        BarColumn(bar_width=16),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    task = bar.add_task("verify", total=None)
+    try:
+        with bar:
+            report = verify_archive(
+                archive,
+                options,
+                sample=None if all_instances else (sample or DEFAULT_SAMPLE),
+                seed=seed,
+                run_id=run,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    except (FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from error
+    if format == "json":
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        if report.problems:
+            typer.echo(render({"problems": report.problems_table()}, "table"), nl=False)
+        typer.echo(report.summary())
+        if report.sampled:
+            typer.echo(f"(--seed {report.seed} checks the same sample again)")
+    raise typer.Exit(code=report.exit_code)

@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -37,14 +38,15 @@ from codec.metrics import bits_per_pixel, measure
 from codec.rate import RateControl, check_floor
 from codec.weights import DEFAULT_MODEL_ID
 from codec.zarr_codec import RadiarcZarrCodec
-from storage.chunks import ChunkIndex, put_chunks, stored_chunks
+from storage.chunks import CHUNKS_DIGEST, ChunkIndex, pixels_sha256, put_chunks, stored_chunks
 from storage.dicom import DicomError
 from storage.fsutil import join
 from storage.layout import LAYOUT_VERSION, Archive, header_text, instance_path
 from storage.manifest import ManifestRow, codec_config_json, default_worker, validate_run_id
 from storage.phi import patient_key, quiet_pydicom, redact
+from storage.retry import with_retries
 from storage.scan import ScanItem
-from storage.source import SourceImage, read_source
+from storage.source import SourceImage, SourceReadError, read_source
 from storage.uids import UIDError
 
 __all__ = [
@@ -56,10 +58,14 @@ __all__ = [
     "archive_instance",
     "archive_item",
     "skipped_row",
+    "unreadable_row",
 ]
 
 #: Environment variable holding the operator's secret for :func:`storage.phi.patient_key`.
 SECRET_ENV = "RADIARC_PATIENT_KEY_SECRET"
+#: Tries of an instance's write + verify when the store fails transiently (storage.retry).
+WRITE_ATTEMPTS = 3
+WRITE_BACKOFF_SECONDS = 0.5
 log = logging.getLogger(__name__)
 _MAX_REASON = 300
 
@@ -132,8 +138,11 @@ def archive_item(
     start = time.perf_counter()
     try:
         source = read_source(fs, item)
+    except SourceReadError as error:
+        log.warning("failed to read a source: %s", error.reason)  # no path: it may hold PHI
+        return unreadable_row(context, item.uri, error.reason, item.checksum, item.size)
     except DicomError as error:
-        log.warning("skipped %s: %s", error.source, error.reason)
+        log.warning("skipped a source: %s", error.reason)
         return skipped_row(context, item.uri, error.reason, item.checksum, item.size)
     return archive_instance(
         archive, source, settings, context, read_seconds=time.perf_counter() - start
@@ -148,9 +157,32 @@ def skipped_row(
     source_bytes: int | None = None,
 ) -> ManifestRow:
     """The row of an input that cannot be archived (not DICOM, colour, undecodable, ...)."""
+    return _source_row(context, "skipped", source_uri, reason, checksum, source_bytes)
+
+
+def unreadable_row(
+    context: RunContext,
+    source_uri: str,
+    reason: str,
+    checksum: str | None = None,
+    source_bytes: int | None = None,
+) -> ManifestRow:
+    """The row of a source that could not be fetched (after retries): ``failed``, so that the
+    next run tries it again."""
+    return _source_row(context, "failed", source_uri, reason, checksum, source_bytes)
+
+
+def _source_row(
+    context: RunContext,
+    status: str,
+    source_uri: str,
+    reason: str,
+    checksum: str | None,
+    source_bytes: int | None,
+) -> ManifestRow:
     return ManifestRow(
         run_id=context.run_id,
-        status="skipped",
+        status=status,
         timestamp=datetime.now(UTC),
         worker=context.worker,
         reason=reason[:_MAX_REASON],
@@ -168,6 +200,7 @@ def archive_instance(
     *,
     read_seconds: float | None = None,
     encoded: Mapping[ChunkIndex, bytes] | None = None,
+    encode_error: Exception | None = None,
     encode_seconds: float = 0.0,
 ) -> ManifestRow:
     """Archive one decoded instance; the manifest row says how it went.
@@ -181,9 +214,11 @@ def archive_instance(
     ``encoded`` holds chunk streams already encoded elsewhere (by a batch encoder,
     ``storage.chunks.chunk_arrays`` + ``codec.chunk.encode_chunks`` under
     ``settings.serializer``), stored as they are instead of zarr encoding chunk by chunk;
-    ``encode_seconds`` is the time that took. Under a quality floor (``min_ssim`` or
-    ``min_psnr``) every tile of the decoded image is measured against it: an image with a tile
-    below it gets a ``failed`` row saying so, and its array stays without ``complete``.
+    ``encode_seconds`` is the time that took. ``encode_error`` is that encoder's error for
+    this image: the image is then recorded ``failed`` with it, and nothing is written. Under a
+    quality floor (``min_ssim`` or ``min_psnr``) every tile of the decoded image is measured
+    against it: an image with a tile below it gets a ``failed`` row saying so, and its array
+    stays without ``complete``.
     """
     start = time.perf_counter()
     header = source.dicom.header
@@ -220,9 +255,23 @@ def archive_instance(
             codec_key=settings.codec_key(),
             codec_config=codec_config_json(config),
         )
+        if encode_error is not None:
+            raise encode_error
+        # A write or read-back that fails in passing (throttling, a dropped connection) is
+        # tried again from the start: the array is recreated, so no half of it survives.
         facts.update(
-            _write_and_verify(
-                archive, source, settings, context, f"{study}/{series}/{sop}", encoded
+            with_retries(
+                partial(
+                    _write_and_verify,
+                    archive,
+                    source,
+                    settings,
+                    context,
+                    f"{study}/{series}/{sop}",
+                    encoded,
+                ),
+                WRITE_ATTEMPTS,
+                WRITE_BACKOFF_SECONDS,
             )
         )
         facts["encode_seconds"] += encode_seconds
@@ -326,6 +375,14 @@ def _write_and_verify(
         "iterations_max": max(stored.tile_iterations, default=0),
     }
     attributes["radiarc"]["quality"] = {key: _json_number(value) for key, value in metrics.items()}
+    digests = {"stored_sha256": stored.sha256, "decoded_sha256": pixels_sha256(decoded)}
+    attributes["radiarc"]["stored"] = {
+        "algorithm": CHUNKS_DIGEST,
+        "sha256": digests["stored_sha256"],
+        "objects": stored.objects,
+        "bytes": stored.n_bytes,
+        "decoded_sha256": digests["decoded_sha256"],
+    }
     shortfall = None
     if floor is not None and not floor.met:
         shortfall = f"below quality floor: {floor.describe()}"
@@ -337,6 +394,7 @@ def _write_and_verify(
     metadata_bytes = len(archive.fs.cat_file(join(archive.root, path, "zarr.json")))
     return {
         **metrics,
+        **digests,
         "metadata_bytes": metadata_bytes,
         "encode_seconds": written - began,
         "verify_seconds": verified - written,

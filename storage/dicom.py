@@ -23,7 +23,10 @@ Choices, so that every caller relies on the same behaviour:
 - Refused too: not DICOM, empty or truncated files, no pixel data, multi-frame
   (NumberOfFrames > 1), colour (SamplesPerPixel != 1 or photometric not MONOCHROME1/2), float
   pixel data, a compressed transfer syntax without an installed decoder, absurd dimensions
-  (more than :data:`MAX_PIXELS`) and dimensions that do not match the pixel data.
+  (more than :data:`MAX_PIXELS`), dimensions that do not match the pixel data or what a
+  JPEG / JPEG 2000 codestream declares, and deflated datasets that would inflate past
+  :data:`MAX_INFLATED`. Element lengths are never trusted for allocation: reads are clamped
+  to what is left of the file.
 
 Every refusal is a :class:`DicomError` (a :class:`codec.io.ImageError`) whose message names
 the source and the reason. Messages never contain patient names, IDs or birth dates: reasons
@@ -34,21 +37,26 @@ patient attributes' values removed.
 from __future__ import annotations
 
 import io
+import os
 import struct
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO, cast
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info
 from pydicom.pixels import get_decoder
 from pydicom.pixels.decoders.base import Decoder
+from pydicom.pixels.utils import _get_jpg_parameters as get_jpg_parameters
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -69,6 +77,10 @@ __all__ = [
 #: Largest Rows x Columns accepted (a 16-bit image this size is 256 MiB). Detector X-rays are
 #: at most about 4300 x 4300 (18.5 M pixels); anything much bigger is a corrupt header.
 MAX_PIXELS = 128 * 1024 * 1024
+#: Largest dataset a Deflated Explicit VR file may inflate to: the largest pixel data plus
+#: room for a header. pydicom inflates the whole dataset at once, so a small file that inflates
+#: to gigabytes (a "zip bomb") is refused before it is handed over.
+MAX_INFLATED = 2 * MAX_PIXELS + 16 * 1024 * 1024
 
 #: How many leading bytes :func:`is_dicom` needs to decide.
 SNIFF_BYTES = 132
@@ -165,7 +177,7 @@ def _open(source: Source, label: str) -> Iterator[IO[bytes]]:
         except OSError as error:
             raise DicomError(label, f"cannot read file ({error.strerror or error})") from error
         with handle:
-            yield handle
+            yield _ClampedReads.of(handle)
         return
     seekable = False
     try:
@@ -173,9 +185,41 @@ def _open(source: Source, label: str) -> Iterator[IO[bytes]]:
     except (AttributeError, OSError, ValueError):
         seekable = False
     if seekable:
-        yield source
+        yield _ClampedReads.of(source)
     else:  # pydicom seeks while parsing; buffer a forward-only stream
         yield io.BytesIO(source.read())
+
+
+class _ClampedReads:
+    """A seekable binary stream whose reads never ask for more than is left in it.
+
+    pydicom reads an element's value with one ``read(length)`` of its declared length, and a
+    file object allocates the whole request before reading: a 2 KB file that declares a
+    4 GB element would allocate 4 GB. (In-memory sources are safe: ``BytesIO`` clamps.)
+    """
+
+    def __init__(self, stream: IO[bytes], end: int) -> None:
+        self._stream = stream
+        self._end = end
+
+    @classmethod
+    def of(cls, stream: IO[bytes]) -> IO[bytes]:
+        try:
+            end = os.fstat(stream.fileno()).st_size
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            position = stream.tell()
+            end = stream.seek(0, io.SEEK_END)
+            stream.seek(position)
+        return cast(IO[bytes], cls(stream, end))
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self._stream.read()
+        size = min(size, max(0, self._end - self._stream.tell()))
+        return self._stream.read(size) if size else b""
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, name, ... of the stream
+        return getattr(self._stream, name)
 
 
 def _parse(stream: IO[bytes], label: str) -> tuple[Dataset, UID]:
@@ -190,6 +234,8 @@ def _parse(stream: IO[bytes], label: str) -> tuple[Dataset, UID]:
         raise DicomError(
             label, "not a DICOM file (no 'DICM' marker and no ACR-NEMA element at the start)"
         )
+    if has_magic:
+        _refuse_inflation_bomb(stream, label)
     try:
         dataset = pydicom.dcmread(stream, force=not has_magic)
     except InvalidDicomError as error:
@@ -213,6 +259,33 @@ def _parse(stream: IO[bytes], label: str) -> tuple[Dataset, UID]:
     return dataset, UID(str(syntax))
 
 
+def _refuse_inflation_bomb(stream: IO[bytes], label: str) -> None:
+    """Refuse a Deflated Explicit VR file whose dataset inflates past :data:`MAX_INFLATED`
+    (counted in 1 MiB steps, nothing kept); anything else is left to pydicom."""
+    start = stream.tell()
+    try:
+        stream.seek(start + _PREAMBLE + len(_MAGIC))
+        meta = _read_file_meta_info(cast(BinaryIO, stream))
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+        inflater, pending, total = zlib.decompressobj(-zlib.MAX_WBITS), stream.read(), 0
+        while pending and not inflater.eof:
+            total += len(inflater.decompress(pending, 1 << 20))
+            pending = inflater.unconsumed_tail
+            if total > MAX_INFLATED:
+                raise DicomError(
+                    label,
+                    f"deflated dataset inflates to more than {MAX_INFLATED >> 20} MiB "
+                    "(a decompression bomb or a corrupt file)",
+                )
+    except DicomError:
+        raise
+    except Exception:  # a damaged meta group or deflate stream: pydicom reports it below
+        return
+    finally:
+        stream.seek(start)
+
+
 def _syntax_from_encoding(dataset: Dataset, label: str) -> UID:
     implicit, little = dataset.original_encoding
     if implicit and little:
@@ -229,12 +302,18 @@ def _decode(dataset: Dataset, syntax: UID, label: str) -> DicomImage:
         if "FloatPixelData" in dataset or "DoubleFloatPixelData" in dataset:
             raise DicomError(label, "float pixel data is not supported")
         raise DicomError(label, "no pixel data (7FE0,0010) in the file")
+    try:
+        pixel_data = dataset.PixelData
+    except Exception as error:
+        raise DicomError(label, f"unreadable pixel data ({_clean(error)})") from error
+    if not pixel_data:  # pydicom gives None for a zero-length element
+        raise DicomError(label, "pixel data (7FE0,0010) is empty")
 
     frames = _int_attr(dataset, "NumberOfFrames", label, default=1)
     if frames != 1:
         raise DicomError(label, f"multi-frame image (NumberOfFrames={frames}) is not supported")
     samples = _int_attr(dataset, "SamplesPerPixel", label, default=1)
-    photometric = str(dataset.get("PhotometricInterpretation") or "").strip()
+    photometric = _text_attr(dataset, "PhotometricInterpretation", label)
     if samples != 1 or photometric not in _MONOCHROME:
         shown = photometric or "missing"
         raise DicomError(
@@ -267,7 +346,7 @@ def _decode(dataset: Dataset, syntax: UID, label: str) -> DicomImage:
     decoder = _decoder(syntax, label)
     if not syntax.is_encapsulated:
         expected = rows * columns * (allocated // 8)
-        actual = len(dataset.PixelData)
+        actual = len(pixel_data)
         if actual not in (expected, expected + 1):
             raise DicomError(
                 label,
@@ -275,7 +354,14 @@ def _decode(dataset: Dataset, syntax: UID, label: str) -> DicomImage:
                 f"{expected} (truncated file or wrong dimensions)",
             )
     else:
-        _check_fragments(dataset.PixelData, label)
+        first = _check_fragments(pixel_data, label)
+        declared = _codestream_size(first)
+        if declared is not None and declared != (rows, columns):
+            raise DicomError(
+                label,
+                f"compressed pixel data declares {declared[0]}x{declared[1]} pixels but the "
+                f"header says {rows}x{columns} (corrupt or hostile file)",
+            )
 
     array = _pixel_array(decoder, dataset, syntax, samples, label)
     if array.shape != (rows, columns):
@@ -297,9 +383,10 @@ def _decode(dataset: Dataset, syntax: UID, label: str) -> DicomImage:
     )
 
 
-def _check_fragments(data: bytes, label: str) -> None:
-    """Refuse encapsulated pixel data whose items run past its end (a truncated file)."""
-    offset, size, items = 0, len(data), 0
+def _check_fragments(data: bytes, label: str) -> bytes:
+    """Refuse encapsulated pixel data whose items run past its end (a truncated file); return
+    the first fragment (the one after the offset table)."""
+    offset, size, items, first = 0, len(data), 0, b""
     while offset < size:
         if size - offset < 8:
             raise DicomError(label, "truncated encapsulated pixel data (partial item header)")
@@ -308,6 +395,8 @@ def _check_fragments(data: bytes, label: str) -> None:
             raise DicomError(
                 label, f"corrupt encapsulated pixel data (tag ({group:04X},{element:04X}))"
             )
+        if items == 1:
+            first = data[offset + 8 : offset + 8 + length]
         offset += 8 + length
         items += 1
         if offset > size:
@@ -316,6 +405,21 @@ def _check_fragments(data: bytes, label: str) -> None:
             )
     if items < 2:
         raise DicomError(label, "encapsulated pixel data has no fragments")
+    return first
+
+
+def _codestream_size(fragment: bytes) -> tuple[int, int] | None:
+    """(rows, columns) that a JPEG 2000 (SIZ) or JPEG / JPEG-LS (SOF) codestream declares,
+    None for other formats. Decoders allocate what the codestream says, not what the DICOM
+    header says: a few bytes changed there would otherwise make a small file a memory bomb."""
+    if fragment[:4] == b"\xff\x4f\xff\x51" and len(fragment) >= 24:  # SOC, SIZ
+        width, height, left, top = struct.unpack_from(">IIII", fragment, 8)
+        return max(0, height - top), max(0, width - left)
+    if fragment[:2] == b"\xff\xd8":  # SOI
+        parameters = get_jpg_parameters(fragment)
+        if "height" in parameters:
+            return int(parameters["height"]), int(parameters["width"])
+    return None
 
 
 def _decoder(syntax: UID, label: str) -> Decoder:
@@ -376,6 +480,13 @@ def _int_attr(dataset: Dataset, keyword: str, label: str, default: int | None = 
         return int(value)
     except (TypeError, ValueError) as error:
         raise DicomError(label, f"{keyword} is not an integer") from error
+
+
+def _text_attr(dataset: Dataset, keyword: str, label: str) -> str:
+    try:  # pydicom converts an element when first read, and can fail then (unknown VR)
+        return str(dataset.get(keyword) or "").strip()
+    except Exception as error:
+        raise DicomError(label, f"unreadable {keyword} ({_clean(error)})") from error
 
 
 def _clean(error: BaseException, dataset: Dataset | None = None) -> str:

@@ -18,11 +18,19 @@ compressed image:
   the source already was.
 
 Study and series UIDs stay those of the original (the export belongs with it).
+
+Before anything is written, the array's chunk objects are read once and hashed: if they no
+longer match the SHA-256 recorded when the instance was archived (``radiarc.stored``), the
+export is refused with :class:`ExportError` and no file is written; the pixels exported are
+decoded from exactly the bytes that were checked. Arrays archived before checksums were
+recorded are exported with a logged warning that there was nothing to verify.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,17 +40,19 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
-from storage.fsutil import StorageOptions, open_fs, write_atomic
+from storage.chunks import CHUNKS_DIGEST, array_from_objects, chunk_objects, chunks_sha256
+from storage.fsutil import StorageOptions, join, open_fs, write_atomic
 from storage.layout import Archive
 from storage.phi import quiet_pydicom
 from storage.uids import derived_uid
 
-__all__ = ["METHOD", "ExportError", "export_dataset", "export_dicom"]
+__all__ = ["METHOD", "ExportError", "export_dataset", "export_dicom", "verified_instance"]
 
 #: Lossy Image Compression Method (0028,2114) written for Radiarc (CS, at most 16 characters).
 METHOD = "RADIARC_RNNCONV"
 IMPLEMENTATION_VERSION = "RADIARC_0_1"
 _DESCRIPTION_MAX = 1024  # ST
+log = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -68,25 +78,68 @@ def export_dicom(
         path = archive.locate(uid_or_path)
     except (KeyError, ValueError) as error:
         raise ExportError(str(error).strip("'\"")) from error
-    array = archive.open_array(path)
+    attributes, pixels = verified_instance(archive, path)
     buffer = io.BytesIO()
     with quiet_pydicom():
-        dataset = export_dataset(dict(array.attrs), np.asarray(array[...]), uid_prefix=uid_prefix)
+        dataset = export_dataset(attributes, pixels, uid_prefix=uid_prefix)
         pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
     fs, out_path = open_fs(out_uri, out_storage_options)
     write_atomic(fs, out_path, buffer.getvalue())
     return dataset
 
 
-def export_dataset(
-    attributes: dict[str, Any], pixels: np.ndarray, *, uid_prefix: str | None = None
-) -> Dataset:
-    """The DICOM dataset of an archived array, from its attributes and decoded pixels."""
+def verified_instance(archive: Archive, path: str) -> tuple[dict[str, Any], np.ndarray]:
+    """The attributes and decoded pixels of the complete instance array at ``path``, after
+    checking its chunk objects against the SHA-256 recorded at archive time; ExportError
+    (naming the instance by SOP Instance UID only) when they differ."""
+    sop = path.rstrip("/").rsplit("/", 1)[-1]
+    array_path = join(archive.root, path)
+    metadata_json = archive.fs.cat_file(join(array_path, "zarr.json"))
+    try:
+        metadata = json.loads(metadata_json)
+    except ValueError as error:
+        raise ExportError(f"instance {sop}: unreadable array metadata (zarr.json)") from error
+    if not isinstance(metadata, dict) or metadata.get("node_type") != "array":
+        raise ExportError(f"instance {sop}: not a Radiarc instance array")
+    attributes = metadata.get("attributes") or {}
+    _check_exportable(attributes)
+    objects = chunk_objects(archive.fs, array_path, metadata)
+    stored = attributes["radiarc"].get("stored")
+    if isinstance(stored, dict) and stored.get("sha256"):
+        if stored.get("algorithm") != CHUNKS_DIGEST:
+            raise ExportError(
+                f"instance {sop}: unknown stored checksum algorithm {stored.get('algorithm')!r}"
+            )
+        if chunks_sha256(objects) != stored["sha256"]:
+            raise ExportError(
+                f"instance {sop}: stored chunks do not match the SHA-256 recorded at archive "
+                "time (the archive was modified or is corrupt); nothing exported"
+            )
+    else:
+        log.warning("instance %s has no stored checksum (archived before v2): not verified", sop)
+    try:
+        pixels = np.asarray(array_from_objects(metadata_json, objects)[...])
+    except Exception as error:  # codec errors (corrupt stream, other weights) say why
+        raise ExportError(
+            f"instance {sop}: cannot decode: {type(error).__name__}: {error}"
+        ) from error
+    return attributes, pixels
+
+
+def _check_exportable(attributes: dict[str, Any]) -> None:
     radiarc = attributes.get("radiarc")
     if not isinstance(radiarc, dict) or "dicom" not in attributes:
         raise ExportError("not a Radiarc instance array (no radiarc/dicom attributes)")
     if not radiarc.get("complete"):
         raise ExportError("the instance was not completely archived (interrupted write)")
+
+
+def export_dataset(
+    attributes: dict[str, Any], pixels: np.ndarray, *, uid_prefix: str | None = None
+) -> Dataset:
+    """The DICOM dataset of an archived array, from its attributes and decoded pixels."""
+    _check_exportable(attributes)
+    radiarc = attributes["radiarc"]
     facts, codec, quality = radiarc["pixels"], radiarc["codec"], radiarc["quality"]
     dataset = Dataset.from_json(attributes["dicom"])
     original_uid = str(dataset.get("SOPInstanceUID", ""))

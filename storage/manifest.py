@@ -53,14 +53,14 @@ __all__ = [
     "validate_run_id",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_DIR = "manifests"
 STATUSES = ("archived", "skipped", "failed")
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 #: name, Arrow type, meaning. The single source for the schema and for docs/storage.md.
 COLUMNS: list[tuple[str, pa.DataType, str]] = [
-    ("schema_version", pa.int16(), "manifest schema version of the row (currently 1)"),
+    ("schema_version", pa.int16(), "manifest schema version of the row (currently 2)"),
     ("run_id", pa.string(), "the migration run that wrote the row (also the partition)"),
     ("timestamp", pa.timestamp("us", tz="UTC"), "when the row was produced (UTC)"),
     ("worker", pa.string(), "host and process that produced it"),
@@ -105,6 +105,17 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("encode_seconds", pa.float64(), "time to encode and write the array"),
     ("verify_seconds", pa.float64(), "time to read back, decode and measure"),
     ("total_seconds", pa.float64(), "wall time for the image"),
+    # Version 2: integrity digests (null in older rows).
+    (
+        "stored_sha256",
+        pa.string(),
+        "SHA-256 of the stored chunk objects as archived (`radiarc.stored`); null before v2",
+    ),
+    (
+        "decoded_sha256",
+        pa.string(),
+        "SHA-256 of the pixels decoded and measured at archive time; null before v2",
+    ),
 ]
 SCHEMA = pa.schema([pa.field(name, kind) for name, kind, _ in COLUMNS])
 
@@ -154,6 +165,8 @@ class ManifestRow:
     encode_seconds: float | None = None
     verify_seconds: float | None = None
     total_seconds: float | None = None
+    stored_sha256: str | None = None
+    decoded_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

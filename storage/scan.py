@@ -10,27 +10,38 @@ many objects the export holds, and the first item arrives before the listing is 
 Every :class:`ScanItem` carries a checksum that identifies the bytes: the S3 ETag when the
 store provides one (free with the listing), else a SHA-256 of the content (local files are
 read once more for it; pass ``hash_content=False`` to skip that and leave it to the reader).
-Files that are not DICOM, or cannot be read, are passed to ``on_skip`` with a reason.
+Files that are not DICOM, cannot be read, or are larger than :data:`MAX_SOURCE_BYTES`
+(the reader would hold them whole in memory) are passed to ``on_skip`` with a reason.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from storage.dicom import SNIFF_BYTES, is_dicom
+from storage.dicom import MAX_PIXELS, SNIFF_BYTES, is_dicom
 from storage.fsutil import StorageOptions, is_local, open_fs, to_uri
+from storage.retry import is_transient, with_retries
 
-__all__ = ["PAGE_SIZE", "ScanItem", "count_files", "scan", "scan_fs"]
+__all__ = ["MAX_SOURCE_BYTES", "PAGE_SIZE", "ScanItem", "count_files", "scan", "scan_fs"]
 
 #: Objects listed and sniffed together; also S3's ListObjectsV2 page size.
 PAGE_SIZE = 1000
+#: Largest file handed on: the largest single-frame image (16-bit, MAX_PIXELS) plus room for
+#: its header. A reader fetches a whole file into memory; anything bigger (a multi-frame
+#: tomosynthesis series, a video) would only be refused after costing that much memory.
+MAX_SOURCE_BYTES = 2 * MAX_PIXELS + 64 * 1024 * 1024
+#: Tries of a listing page or a file's first bytes when the store fails in passing.
+LIST_ATTEMPTS = 4
+BACKOFF_SECONDS = 0.5
 _HASH_BLOCK = 1 << 20
 
 SkipHandler = Callable[[str, str], None]
@@ -40,7 +51,8 @@ SkipHandler = Callable[[str, str], None]
 class ScanItem:
     """One file recognised as DICOM: where it is, how big, and what identifies its bytes."""
 
-    uri: str  # what to show and record (a plain path for local files, else scheme://...)
+    uri: str  # what to show and record (a plain path for local files, else scheme://...);
+    # bytes of a local name that are not UTF-8 appear as \xNN (manifests are UTF-8)
     path: str  # the same file as a path inside the scanned filesystem
     size: int
     etag: str | None = None
@@ -156,7 +168,9 @@ def _list_s3(fs: Any, root: str) -> Iterator[_Listed]:
         request: dict[str, Any] = {"Bucket": bucket, "Prefix": key, "MaxKeys": PAGE_SIZE}
         if token:
             request["ContinuationToken"] = token
-        page = fs.call_s3("list_objects_v2", **request)
+        page = with_retries(
+            partial(fs.call_s3, "list_objects_v2", **request), LIST_ATTEMPTS, BACKOFF_SECONDS
+        )
         for item in page.get("Contents", []):
             if not item["Key"].endswith("/"):
                 yield _Listed(f"{bucket}/{item['Key']}", int(item["Size"]), _etag(item))
@@ -197,10 +211,9 @@ def _sniff_page(
 ) -> Iterator[ScanItem]:
     """Read the head of every file of ``page`` (concurrently on object stores) and keep the
     DICOM ones."""
-    paths = [entry.path for entry in page]
-    heads = fs.cat_ranges(paths, [0] * len(paths), [SNIFF_BYTES] * len(paths), on_error="return")
+    heads = _heads(fs, [entry.path for entry in page])
     for entry, head in zip(page, heads, strict=True):
-        uri = to_uri(fs, entry.path)
+        uri = _recordable(to_uri(fs, entry.path))
         if isinstance(head, BaseException):
             skip(uri, f"cannot read ({type(head).__name__})")
             continue
@@ -210,6 +223,9 @@ def _sniff_page(
         if not is_dicom(bytes(head)):
             skip(uri, "not DICOM (no 'DICM' marker and no ACR-NEMA element at the start)")
             continue
+        if entry.size > MAX_SOURCE_BYTES:
+            skip(uri, f"larger than {MAX_SOURCE_BYTES >> 20} MiB: not a single-frame image")
+            continue
         digest = None
         if entry.etag is None and hash_content:
             try:
@@ -218,6 +234,41 @@ def _sniff_page(
                 skip(uri, f"cannot read ({type(error).__name__})")
                 continue
         yield ScanItem(uri, entry.path, entry.size, entry.etag, digest)
+
+
+def _heads(fs: AbstractFileSystem, paths: list[str]) -> list[bytes | BaseException]:
+    """The first bytes of every file of ``paths``, fetched together; reads that fail in
+    passing (throttling, a dropped connection) are fetched again with backoff."""
+    heads: list[bytes | BaseException] = [OSError("not read")] * len(paths)
+    todo = list(range(len(paths)))
+    for attempt in range(LIST_ATTEMPTS):
+        if attempt:
+            time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
+        wanted = [paths[index] for index in todo]
+        fetched = fs.cat_ranges(
+            wanted, [0] * len(wanted), [SNIFF_BYTES] * len(wanted), on_error="return"
+        )
+        for index, head in zip(todo, fetched, strict=True):
+            heads[index] = head
+        todo = [index for index in todo if _retryable(heads[index])]
+        if not todo:
+            break
+    return heads
+
+
+def _retryable(head: bytes | BaseException) -> bool:
+    return isinstance(head, BaseException) and is_transient(head)
+
+
+def _recordable(uri: str) -> str:
+    """``uri`` as valid UTF-8 text: a local name in another encoding (a Latin-1 folder of an
+    old PACS) reaches Python with surrogate escapes, which Parquet and JSON cannot store;
+    such bytes are written as ``\\xNN`` instead. The file is still read by its real path."""
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:
+        return uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return uri
 
 
 def _sha256(fs: AbstractFileSystem, path: str) -> str:

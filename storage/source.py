@@ -16,7 +16,18 @@ from storage.dicom import DicomError, DicomImage, read_dicom
 from storage.fsutil import StorageOptions, open_fs, to_uri
 from storage.scan import ScanItem
 
-__all__ = ["SourceImage", "read_source", "read_uri"]
+__all__ = ["SourceImage", "SourceReadError", "read_source", "read_uri"]
+
+
+class SourceReadError(Exception):
+    """A source file that could not be fetched (network, throttling, permissions, vanished):
+    the file itself may be fine, so a later run tries it again (a ``failed`` row, not
+    ``skipped``). The message names the error type, never the path: paths may hold PHI."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(reason)
+        self.source = source
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -36,11 +47,12 @@ class SourceImage:
 
 
 def read_source(fs: AbstractFileSystem, item: ScanItem) -> SourceImage:
-    """Fetch and decode ``item``; a :class:`DicomError` says why it cannot be archived."""
+    """Fetch and decode ``item``. :class:`SourceReadError` when the bytes cannot be fetched
+    (worth retrying), :class:`DicomError` when they cannot be archived."""
     try:
         data = fs.cat_file(item.path)
-    except (OSError, ValueError) as error:
-        raise DicomError(item.uri, f"cannot read ({type(error).__name__})") from error
+    except Exception as error:  # s3fs, botocore and aiohttp fail with unrelated types
+        raise SourceReadError(item.uri, f"cannot read source ({type(error).__name__})") from error
     digest = hashlib.sha256(data).hexdigest()
     if item.sha256 is not None and item.sha256 != digest:
         raise DicomError(item.uri, "content changed since it was scanned (SHA-256 differs)")
@@ -53,6 +65,6 @@ def read_uri(uri: str, storage_options: StorageOptions | None = None) -> SourceI
     fs, path = open_fs(uri, storage_options)
     try:
         size = int(fs.size(path) or 0)
-    except (OSError, ValueError) as error:
-        raise DicomError(uri, f"cannot read ({type(error).__name__})") from error
+    except Exception as error:
+        raise SourceReadError(uri, f"cannot read source ({type(error).__name__})") from error
     return read_source(fs, ScanItem(to_uri(fs, path), path, size))

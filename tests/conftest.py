@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -123,3 +125,76 @@ def local_ray(s3_endpoint: str) -> Iterator[str]:
         yield str(ray.get_runtime_context().gcs_address)
     finally:
         ray.shutdown()
+
+
+# ------------------------------------------------------------------ sources are read-only
+
+
+class SourceGuard:
+    """SHA-256 of every file under an export (any fsspec URI), taken when it is made;
+    :meth:`check` fails naming each file added, removed or changed since, and each folder
+    added or removed. "Sources are read-only" (DESIGN.md) made checkable."""
+
+    def __init__(self, uri: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+        from storage.fsutil import open_fs
+
+        self.uri = str(uri)
+        self.fs, self.root = open_fs(self.uri, storage_options)
+        self.before = self.snapshot()
+
+    def snapshot(self) -> dict[str, str]:
+        """Relative path -> ``sha256:<hex>`` for files, ``dir`` for folders."""
+        self.fs.invalidate_cache()
+        root = self.root.rstrip("/")
+        found = self.fs.find(root, withdirs=True, detail=True)
+        state: dict[str, str] = {}
+        for name, info in found.items():
+            relative = str(name)[len(root) :].lstrip("/")
+            if not relative:
+                continue
+            if info.get("type") == "directory":
+                state[relative] = "dir"
+            else:
+                state[relative] = "sha256:" + hashlib.sha256(self.fs.cat_file(name)).hexdigest()
+        return state
+
+    def changes(self) -> list[str]:
+        after = self.snapshot()
+        problems = [f"removed: {path}" for path in sorted(set(self.before) - set(after))]
+        problems += [f"added: {path}" for path in sorted(set(after) - set(self.before))]
+        problems += [
+            f"changed: {path}"
+            for path in sorted(set(self.before) & set(after))
+            if self.before[path] != after[path]
+        ]
+        return problems
+
+    def check(self) -> None:
+        problems = self.changes()
+        if problems:
+            shown = "; ".join(problems[:20]) + (" ..." if len(problems) > 20 else "")
+            raise AssertionError(f"source export {self.uri} was modified: {shown}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_data_unchanged() -> Iterator[None]:
+    """The committed sample files (tests/data) are the same at the end of the session."""
+    guard = SourceGuard(DATA)
+    yield
+    guard.check()
+
+
+@pytest.fixture
+def guarded_export() -> Iterator[Callable[..., SourceGuard]]:
+    """``guarded_export(uri, storage_options=None)``, called once an export is written and
+    before it is migrated, checksums it; the test's teardown asserts it is unchanged (call
+    ``.check()`` on the returned guard to assert earlier)."""
+    guards: list[SourceGuard] = []
+
+    def guard(uri: str | Path, storage_options: dict[str, Any] | None = None) -> SourceGuard:
+        guards.append(SourceGuard(uri, storage_options))
+        return guards[-1]
+
+    yield guard
+    for made in guards:
+        made.check()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,6 +110,21 @@ def test_export_is_a_valid_lossy_derived_dicom(
     assert exported.DerivationCodeSequence[0].CodeValue == "113040"
     assert "Radiarc" in exported.DerivationDescription and "ratio" in exported.DerivationDescription
     assert exported.StudyInstanceUID == original.StudyInstanceUID
+
+
+def test_export_checks_the_stored_checksum(
+    archived: tuple[Archive, ManifestRow], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Exports decode the bytes they hashed; the digest recorded at archive time must match
+    (corruption is tested in test_verify.py)."""
+    archive, row = archived
+    stored = archive.open_array(archive.locate(str(row.sop_instance_uid))).attrs["radiarc"][
+        "stored"
+    ]
+    assert stored["sha256"] == row.stored_sha256 and stored["bytes"] == row.archived_bytes
+    with caplog.at_level(logging.WARNING, logger="storage.export"):
+        export_dicom(archive.uri, str(row.sop_instance_uid), str(tmp_path / "checked.dcm"))
+    assert not [record for record in caplog.records if "checksum" in record.getMessage()]
 
 
 def test_new_uid_is_deterministic(archived: tuple[Archive, ManifestRow], tmp_path: Path) -> None:

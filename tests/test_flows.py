@@ -48,9 +48,12 @@ def archived_paths(archive: str, options: dict[str, Any] | None = None) -> list[
     ]
 
 
-def test_local_export_to_local_archive_then_a_second_run_does_nothing(tmp_path: Path) -> None:
+def test_local_export_to_local_archive_then_a_second_run_does_nothing(
+    tmp_path: Path, guarded_export: Any
+) -> None:
     export, archive = tmp_path / "export", tmp_path / "archive"
     write_local_export(export, small_pngs(3, side=96))  # 3 synthetic + real MONO1 + 3 not DICOM
+    guarded_export(export)  # unchanged by both runs (checked at teardown)
 
     first: RunSummary = migrate_flow(str(export), str(archive), settings=settings())
 
@@ -94,10 +97,13 @@ def test_local_export_to_local_archive_then_a_second_run_does_nothing(tmp_path: 
     assert sorted((archive / MANIFEST_DIR).rglob("*.parquet")) == parts  # no rows added
 
 
-def test_s3_export_to_s3_archive(s3_bucket: tuple[str, dict[str, str]]) -> None:
+def test_s3_export_to_s3_archive(
+    s3_bucket: tuple[str, dict[str, str]], guarded_export: Any
+) -> None:
     bucket, options = s3_bucket
     export, archive = f"s3://{bucket}/pacs/2024", f"s3://{bucket}/archive"
     write_export(export, small_pngs(4, side=80), count=5, per_study=2, storage_options=options)
+    guarded_export(export, options)
     sharded = settings(codec={"shard_tiles": 2}, source_options=options, archive_options=options)
 
     summary = migrate_flow(export, archive, settings=sharded)
@@ -122,9 +128,12 @@ def test_s3_export_to_s3_archive(s3_bucket: tuple[str, dict[str, str]]) -> None:
     assert migrate_flow(export, archive, settings=plain).archived == 5
 
 
-def test_quality_floor_failures_are_recorded_not_accepted(tmp_path: Path) -> None:
+def test_quality_floor_failures_are_recorded_not_accepted(
+    tmp_path: Path, guarded_export: Any
+) -> None:
     export, archive = tmp_path / "export", tmp_path / "archive"
     write_export(str(export), small_pngs(2, side=64))
+    guarded_export(export)
     unreachable = settings(codec={"tile_size": 32, "rate": {"min_ssim": 0.9999}})
 
     summary = migrate_flow(str(export), str(archive), settings=unreachable)

@@ -55,10 +55,11 @@ def wait_for_free_cpus(expected: float, timeout: float = 60) -> None:
 
 
 def test_killed_run_resumes_to_exactly_once(
-    tmp_path: Path, prefect_api: str, local_ray: str
+    tmp_path: Path, prefect_api: str, local_ray: str, guarded_export: Any
 ) -> None:
     export, archive = tmp_path / "export", tmp_path / "archive"
     write_export(str(export), small_pngs(IMAGES, side=96))
+    guarded_export(export)  # unchanged by the killed run and the resumed ones
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": local_ray}
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(export), str(archive), json.dumps(SLOW)],

@@ -167,6 +167,23 @@ def test_older_parts_without_newer_columns_read_as_nulls(tmp_path: Path) -> None
     assert table["ms_ssim"].to_pylist() == [None] and table["schema_version"].to_pylist() == [0]
 
 
+def test_version_1_parts_read_beside_version_2_with_null_digests(tmp_path: Path) -> None:
+    """Schema 2 added the integrity digests; parts written before read as nulls there."""
+    v1 = pa.schema([field for field in SCHEMA if not field.name.endswith("_sha256")])
+    assert len(v1) == len(SCHEMA) - 2 and SCHEMA_VERSION == 2
+    record = {name: None for name in v1.names}
+    record.update(run_id="v1", status="archived", sop_instance_uid="1.6", schema_version=1)
+    directory = tmp_path / "manifests" / "run_id=v1"
+    directory.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([record], schema=v1), directory / "part-0.parquet")
+    with ManifestWriter(str(tmp_path), "v2") as writer:
+        writer.add(row(run="v2", sop="1.7", stored_sha256="ab" * 32, decoded_sha256="cd" * 32))
+    table = read_manifest(str(tmp_path)).sort_by("sop_instance_uid")
+    assert table["schema_version"].to_pylist() == [1, 2]
+    assert table["stored_sha256"].to_pylist() == [None, "ab" * 32]
+    assert table["decoded_sha256"].to_pylist() == [None, "cd" * 32]
+
+
 def test_done_query_resumes_by_latest_attempt_and_configuration(tmp_path: Path) -> None:
     archive = str(tmp_path)
     with ManifestWriter(archive, "run-1") as writer:

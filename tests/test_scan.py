@@ -14,7 +14,7 @@ import storage.scan as scan_module
 from storage.dicom import DicomError
 from storage.fsutil import open_fs
 from storage.scan import ScanItem, scan
-from storage.source import read_source, read_uri
+from storage.source import SourceReadError, read_source, read_uri
 from storage.synth import write_export
 
 DICOM_NAMES = {"IMG0.dcm", "IMG1", "IMG2.dcm", "chest"}
@@ -149,7 +149,7 @@ def test_read_source_decodes_and_checks_content(
 def test_read_uri_reports_unarchivable_inputs(tmp_path: Path) -> None:
     for path in REAL_DICOMS:
         assert read_uri(str(path)).dicom.image.pixels.ndim == 2
-    with pytest.raises(DicomError, match="cannot read"):
+    with pytest.raises(SourceReadError, match="cannot read source"):
         read_uri(str(tmp_path / "missing.dcm"))
     text = tmp_path / "x.dcm"
     text.write_text("hello " * 50)
