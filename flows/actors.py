@@ -61,8 +61,8 @@ class EncoderJob:
     archive_uri: str
     archive_settings: ArchiveSettings
     context: RunContext
-    source_options: StorageOptions = field(default_factory=dict)
-    archive_options: StorageOptions = field(default_factory=dict)
+    source_options: StorageOptions = field(default_factory=dict, repr=False)  # credentials
+    archive_options: StorageOptions = field(default_factory=dict, repr=False)
     device: str = "auto"
     torch_threads: int = 1
     tile_batch: int = 8

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,10 @@ from storage.fsutil import StorageOptions, open_fs
 from storage.manifest import read_manifest
 
 __all__ = [
+    "Invariants",
     "Kill",
     "archive_fingerprint",
+    "archive_invariants",
     "busy_encoder_pids",
     "complete_instances",
     "encoder_pids",
@@ -52,8 +55,11 @@ VOLATILE_COLUMNS = {
 
 def encoder_pids() -> list[int]:
     """Process ids of this Ray cluster's live encoder actors."""
+    import ray
     from ray._private import state  # the public state API needs the dashboard, off here
 
+    if not ray.is_initialized():
+        return []
     return [
         int(actor["Pid"])
         for actor in state.actors().values()
@@ -214,3 +220,47 @@ def kill_and_resume(
 
 def _manifest_parts(archive: str) -> int:
     return sum(1 for _ in Path(archive, "manifests").rglob("*.parquet"))
+
+
+@dataclass(frozen=True)
+class Invariants:
+    """What must hold of an archive whatever faults its runs met."""
+
+    rows: int
+    one_row_per_source_per_run: bool
+    archived_at_most_once: bool  # no instance has two ``archived`` rows
+    complete_equals_archived: bool  # arrays marked complete == instances with archived rows
+    failed_rows_have_reasons: bool
+    latest: dict[str, str]  # source checksum -> status of its latest row
+
+    @property
+    def hold(self) -> bool:
+        return (
+            self.one_row_per_source_per_run
+            and self.archived_at_most_once
+            and self.complete_equals_archived
+            and self.failed_rows_have_reasons
+        )
+
+
+def archive_invariants(archive_uri: str, options: StorageOptions | None = None) -> Invariants:
+    """Check the archive at ``archive_uri`` against its manifests."""
+    rows = read_manifest(archive_uri, options).to_pylist()
+    per_run = Counter((row["run_id"], row["source_checksum"] or row["source_uri"]) for row in rows)
+    archived_rows = [row for row in rows if row["status"] == "archived"]
+    per_instance = Counter(row["sop_instance_uid"] for row in archived_rows)
+    archived = {
+        f"{r['study_instance_uid']}/{r['series_instance_uid']}/{r['sop_instance_uid']}"
+        for r in archived_rows
+    }
+    latest: dict[str, str] = {}
+    for row in sorted(rows, key=lambda r: r["timestamp"]):
+        latest[row["source_checksum"] or row["source_uri"]] = row["status"]
+    return Invariants(
+        rows=len(rows),
+        one_row_per_source_per_run=set(per_run.values()) <= {1},
+        archived_at_most_once=set(per_instance.values()) <= {1},
+        complete_equals_archived=complete_instances(archive_uri, options) == archived,
+        failed_rows_have_reasons=all(r["reason"] for r in rows if r["status"] != "archived"),
+        latest=latest,
+    )

@@ -42,8 +42,8 @@ from prefect.tasks import Task, exponential_backoff
 from flows.actors import STAGES, BatchResult, Encoder, EncoderJob, actor_options
 from flows.failpoints import FailPoints
 from flows.progress import ProgressSink, current
-from flows.settings import MigrationSettings
-from storage.archive import Archive, RunContext, unreadable_row
+from flows.settings import MigrationSettings, refuse_credentials
+from storage.archive import Archive, RunContext
 from storage.audit import connect, summary
 from storage.manifest import Done, ManifestRow, ManifestWriter, done_instances, skipped_sources
 from storage.report import Report, RunTotals, write_report
@@ -53,8 +53,6 @@ from storage.scan import ScanItem, count_files, scan
 __all__ = ["RunSummary", "migrate", "migrate_flow", "new_run_id"]
 
 ARTIFACT_KEY = "radiarc-migration-report"
-#: How storage.scan names a file it could not read (as opposed to one that is not DICOM).
-UNREADABLE = "cannot read"
 _LOG_EVERY_SECONDS = 30.0
 log = logging.getLogger(__name__)
 
@@ -177,7 +175,6 @@ class _Tally:
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     peak_worker_rss_mb: float = 0.0
     files_listed: int | None = None
-    unread: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def set_total(self, files: int) -> None:
@@ -185,24 +182,11 @@ class _Tally:
             self.files_listed = files
             self.sink.set_total(files)
 
-    def on_not_dicom(self, uri: str, reason: str) -> None:  # never log the URI: PHI
+    def on_not_dicom(self, _uri: str, reason: str) -> None:  # never log the URI: PHI
         with self.lock:
-            if reason.startswith(UNREADABLE):
-                # Not known to be DICOM or not: a failed row, so the next run looks again.
-                self.unread.append((uri, f"{reason} while scanning"))
-                return
             self.not_dicom[reason] = self.not_dicom.get(reason, 0) + 1
             self.counts["not DICOM"] += 1
             self.sink.advance(1, 0, self.counts)
-
-    def take_unread(self, context: RunContext) -> list[ManifestRow]:
-        """Failed rows for the files the scan could not read since the last call."""
-        with self.lock:
-            unread, self.unread = self.unread, []
-            self.counts["failed"] += len(unread)
-            if unread:
-                self.sink.advance(len(unread), 0, self.counts)
-        return [unreadable_row(context, uri, reason) for uri, reason in unread]
 
     def on_done_before(self, settled: bool) -> None:
         with self.lock:
@@ -243,7 +227,10 @@ def migrate_flow(
 
     ``settings`` overrides (nested like :class:`flows.settings.MigrationSettings`) take
     precedence over ``RADIARC_...`` environment variables, then over ``config_file``.
+    Storage credentials are refused here: Prefect stores flow parameters (see
+    :func:`flows.settings.refuse_credentials`).
     """
+    refuse_credentials(settings, "the flow's parameters")
     return migrate(source, archive, MigrationSettings.load(config_file, settings))
 
 
@@ -359,7 +346,7 @@ def _archive_all(
     try:
         for batch, outcome in _dispatch(pool, batches, config.ray.max_in_flight()):
             result = outcome if isinstance(outcome, BatchResult) else _lost(batch, job, outcome)
-            for row in [*result.rows, *tally.take_unread(job.context)]:
+            for row in result.rows:
                 writer.add(row)
             tally.on_result(result)
             if unwritten == 0:
@@ -374,8 +361,6 @@ def _archive_all(
                 logger.info("progress: %s", _counts_text(tally))
                 last_log = now
     finally:
-        for row in tally.take_unread(job.context):
-            writer.add(row)
         write_manifest_part(writer)
 
 

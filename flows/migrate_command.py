@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from flows.settings import MigrationSettings
+from flows.settings import MigrationSettings, refuse_credentials
 from flows.storage_commands import EndpointOption, StorageOptionOption, storage_options
 
 if TYPE_CHECKING:
@@ -118,8 +118,15 @@ def run_with_progress(
 ) -> RunSummary:
     """Validate the settings, then run the flow under a live progress bar."""
     try:
+        refuse_credentials(overrides, "command-line options")
         MigrationSettings.load(config, overrides)
-    except (ValidationError, ValueError, OSError) as error:
+    except ValidationError as error:  # without the input values: they may be credentials
+        problems = "\n".join(
+            f"  {'.'.join(map(str, e['loc']))}: {e['msg']}"
+            for e in error.errors(include_input=False)
+        )
+        raise _fail(f"invalid settings:\n{problems}") from error
+    except (ValueError, OSError) as error:
         raise _fail(f"invalid settings:\n{error}") from error
     prepare_prefect_environment()
     from flows.migrate import migrate_flow

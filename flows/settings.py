@@ -26,15 +26,18 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from codec.rate import RateControl
 from codec.weights import DEFAULT_MODEL_ID
 from storage.archive import ArchiveSettings
+from storage.credentials import credential_paths, masked
 
 __all__ = [
     "CONFIG_ENV",
     "CodecSettings",
+    "CredentialsInParametersError",
     "ManifestSettings",
     "MigrationSettings",
     "RateSettings",
     "RaySettings",
     "ReportSettings",
+    "refuse_credentials",
     "settings_reference",
 ]
 
@@ -254,6 +257,13 @@ class MigrationSettings(BaseSettings):
         with _config_file(Path(config_file) if config_file else None):
             return cls(**(overrides or {}))
 
+    def __repr_args__(self) -> Any:
+        """What ``repr`` shows: storage options with their credentials masked."""
+        for name, value in super().__repr_args__():
+            if name in ("source_options", "archive_options") and isinstance(value, dict):
+                value = masked(value)
+            yield name, value
+
     def ray_address(self) -> str | None:
         return self.ray.address or os.environ.get("RAY_ADDRESS") or None
 
@@ -352,3 +362,23 @@ def settings_reference() -> list[tuple[str, str, str, str]]:
 
     walk(MigrationSettings, "RADIARC_")
     return rows
+
+
+class CredentialsInParametersError(ValueError):
+    """Storage credentials given where they would be stored or shown (flow parameters, flags)."""
+
+
+def refuse_credentials(overrides: dict[str, Any] | None, where: str) -> None:
+    """Raise if ``overrides`` carry storage credentials (named by key, never by value)."""
+    found = [
+        f"{section}.{path}"
+        for section in ("source_options", "archive_options")
+        for path in credential_paths(dict((overrides or {}).get(section) or {}))
+    ]
+    if found:
+        raise CredentialsInParametersError(
+            f"storage credentials given in {where} ({', '.join(found)}): Radiarc takes them "
+            "only from the AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, an "
+            "instance role) or from settings in the environment (RADIARC_SOURCE_OPTIONS, "
+            "RADIARC_ARCHIVE_OPTIONS) or a config file, so that they are never stored or logged"
+        )

@@ -20,7 +20,6 @@ the audit summary, a below-SSIM list and a SQL aggregate. Results print as Markd
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import random
 import tempfile
@@ -53,25 +52,31 @@ _DUMMY_AWS = {
 
 
 @contextmanager
-def moto_server() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 with dummy credentials; yields its endpoint URL."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request
+def dummy_aws_credentials() -> Iterator[None]:
+    """Dummy AWS credentials in the environment (subprocesses inherit them), restored after."""
     saved = {name: os.environ.get(name) for name in _DUMMY_AWS}
     os.environ.update(_DUMMY_AWS)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
     try:
-        yield f"http://{host}:{port}"
+        yield
     finally:
-        server.stop()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 with dummy credentials; yields its endpoint URL."""
+    from storage.faults import RestartableMotoServer
+
+    with dummy_aws_credentials():
+        server = RestartableMotoServer().start()
+        try:
+            yield server.url
+        finally:
+            server.stop()
 
 
 def timed(action: Callable[[], Any]) -> tuple[Any, float]:

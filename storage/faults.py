@@ -66,6 +66,7 @@ class S3FaultProxy:
         self.upstream = (parts.hostname, parts.port)
         self.plan = plan or FaultPlan()
         self.counts: Counter[str] = Counter()
+        self.access_key_ids: set[str] = set()  # from the signed requests: which credentials
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -112,6 +113,9 @@ def _handler(proxy: S3FaultProxy) -> type[BaseHTTPRequestHandler]:
             """Quiet: one line per request would drown the test output."""
 
         def _forward(self) -> None:
+            signature = self.headers.get("Authorization") or ""
+            if "Credential=" in signature:
+                proxy.access_key_ids.add(signature.split("Credential=", 1)[1].split("/", 1)[0])
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             is_object_read = self.command == "GET" and "?" not in self.path.strip("/")

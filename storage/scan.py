@@ -16,6 +16,7 @@ Files that are not DICOM, cannot be read, or are larger than :data:`MAX_SOURCE_B
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -214,11 +215,13 @@ def _sniff_page(
     heads = _heads(fs, [entry.path for entry in page])
     for entry, head in zip(page, heads, strict=True):
         uri = _recordable(to_uri(fs, entry.path))
-        if isinstance(head, BaseException):
-            skip(uri, f"cannot read ({type(head).__name__})")
-            continue
-        if not head:
+        if entry.size == 0 or not head:  # S3 refuses a range of an empty object
             skip(uri, "empty file (0 bytes)")
+            continue
+        if isinstance(head, BaseException):
+            # Unreadable even after retries: not known to be anything but an export file.
+            # The reader tries again and records a failed row, so the next run retries it.
+            yield ScanItem(uri, entry.path, entry.size, entry.etag)
             continue
         if not is_dicom(bytes(head)):
             skip(uri, "not DICOM (no 'DICM' marker and no ACR-NEMA element at the start)")
@@ -228,11 +231,9 @@ def _sniff_page(
             continue
         digest = None
         if entry.etag is None and hash_content:
-            try:
+            # Unreadable now: left to the reader, which hashes what it reads or records why not.
+            with contextlib.suppress(OSError):
                 digest = _sha256(fs, entry.path)
-            except OSError as error:
-                skip(uri, f"cannot read ({type(error).__name__})")
-                continue
         yield ScanItem(uri, entry.path, entry.size, entry.etag, digest)
 
 

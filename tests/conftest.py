@@ -143,7 +143,8 @@ class SourceGuard:
         self.before = self.snapshot()
 
     def snapshot(self) -> dict[str, str]:
-        """Relative path -> ``sha256:<hex>`` for files, ``dir`` for folders."""
+        """Relative path -> ``sha256:<hex>`` for files, ``dir`` for folders, the type for
+        anything else (a named pipe is never opened: that would block)."""
         self.fs.invalidate_cache()
         root = self.root.rstrip("/")
         found = self.fs.find(root, withdirs=True, detail=True)
@@ -154,6 +155,8 @@ class SourceGuard:
                 continue
             if info.get("type") == "directory":
                 state[relative] = "dir"
+            elif info.get("type") != "file":
+                state[relative] = str(info.get("type"))
             else:
                 state[relative] = "sha256:" + hashlib.sha256(self.fs.cat_file(name)).hexdigest()
         return state

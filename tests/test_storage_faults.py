@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +20,7 @@ import pytest
 import s3fs
 from storage_helpers import small_pngs
 
-from flows.faultkit import complete_instances
+from flows.faultkit import archive_invariants
 from flows.migrate import RunSummary, migrate_flow
 from storage.faults import FaultPlan, RestartableMotoServer, S3FaultProxy
 from storage.manifest import read_manifest
@@ -61,24 +60,10 @@ def migrate(bucket: str, endpoint: str, **extra: Any) -> RunSummary:
 
 
 def check_archive(bucket: str, endpoint: str) -> dict[str, str]:
-    """One row per source per run; complete arrays are exactly the archived rows. Returns the
-    latest status per source."""
-    options = {"endpoint_url": endpoint}
-    rows = read_manifest(f"s3://{bucket}/archive", options).to_pylist()
-    assert set(Counter((r["run_id"], r["source_checksum"]) for r in rows).values()) == {1}
-    archived = {
-        f"{r['study_instance_uid']}/{r['series_instance_uid']}/{r['sop_instance_uid']}"
-        for r in rows
-        if r["status"] == "archived"
-    }
-    assert complete_instances(f"s3://{bucket}/archive", options) == archived
-    latest: dict[str, str] = {}
-    for row in sorted(rows, key=lambda r: r["timestamp"]):
-        latest[row["source_checksum"]] = row["status"]
-    for row in rows:
-        if row["status"] == "failed":
-            assert row["reason"], "a failed row must say why"
-    return latest
+    """The invariants hold; returns the latest status per source."""
+    invariants = archive_invariants(f"s3://{bucket}/archive", {"endpoint_url": endpoint})
+    assert invariants.hold, invariants
+    return invariants.latest
 
 
 def test_s3_server_stopped_and_restarted_mid_run(s3_server: RestartableMotoServer) -> None:

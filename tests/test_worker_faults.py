@@ -11,7 +11,6 @@ import hashlib
 import json
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import zarr
 from storage_helpers import small_pngs
 
 from flows import failpoints
-from flows.faultkit import busy_encoder_pids, complete_instances, kill
+from flows.faultkit import archive_invariants, busy_encoder_pids, complete_instances, kill
 from flows.migrate import RunSummary, migrate_flow
 from storage.manifest import read_manifest
 from storage.synth import write_export
@@ -61,25 +60,14 @@ def armed(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 def assert_each_image_once(archive: Path, expected: int) -> dict[str, str]:
-    """Every source has exactly one row in the latest run that touched it; arrays marked
-    complete are exactly those of archived rows. Returns status per source checksum."""
-    table = read_manifest(str(archive))
-    status: dict[str, str] = {}
-    for row in sorted(table.to_pylist(), key=lambda r: r["timestamp"]):
-        status[row["source_checksum"]] = row["status"]
-    per_run = Counter((r["run_id"], r["source_checksum"]) for r in table.to_pylist())
-    assert set(per_run.values()) == {1}, "a source was recorded twice in one run"
-    assert len(status) == expected
-    complete = complete_instances(str(archive))
-    archived = {
-        f"{r['study_instance_uid']}/{r['series_instance_uid']}/{r['sop_instance_uid']}"
-        for r in table.to_pylist()
-        if r["status"] == "archived"
-    }
-    assert complete == archived
-    for path in archived:
+    """One row per source per run, complete arrays exactly the archived rows (which decode);
+    returns the latest status per source checksum."""
+    invariants = archive_invariants(str(archive))
+    assert invariants.hold, invariants
+    assert len(invariants.latest) == expected
+    for path in complete_instances(str(archive)):
         assert zarr.open_array(str(archive / path), mode="r")[...].shape == (96, 96)
-    return status
+    return invariants.latest
 
 
 def run(export: Path, archive: Path, **ray: Any) -> RunSummary:
@@ -136,9 +124,7 @@ def test_an_exception_encoding_one_image_fails_that_image_alone(
     assert set(assert_each_image_once(archive, IMAGES).values()) == {"archived"}
 
 
-def test_a_file_that_kills_encoders_fails_alone(
-    export: Path, tmp_path: Path, armed: Any
-) -> None:
+def test_a_file_that_kills_encoders_fails_alone(export: Path, tmp_path: Path, armed: Any) -> None:
     """A native crash on one file (fail point ``crash``: the process exits) spends the
     encoder's restarts; the pool replaces it and retries that batch image by image."""
     victim = exported_files(export)[2]
