@@ -30,6 +30,10 @@ MAGIC = b"RDRC"
 FORMAT_VERSION = 1
 HASH_BYTES = 8
 MAX_SIDE = 1 << 16  # larger than any radiograph; bounds memory for hostile headers
+#: Most pixels a stream may declare (128 Mi, 256 MiB of 16-bit pixels): detector radiographs are
+#: at most ~25 Mpx, and a hostile header must not make a decoder allocate gigabytes.
+MAX_PIXELS = 1 << 27
+MAX_TILE = 1 << 15  # the header stores the tile side in 16 bits
 _FIXED = struct.Struct("<IIBHB")
 
 
@@ -50,10 +54,14 @@ class StreamHeader:
     def __post_init__(self) -> None:
         if not (0 < self.height <= MAX_SIDE and 0 < self.width <= MAX_SIDE):
             raise BitstreamError(f"image size {self.height}x{self.width} out of range")
+        if self.height * self.width > MAX_PIXELS:
+            raise BitstreamError(f"image size {self.height}x{self.width} over {MAX_PIXELS} pixels")
         if not 8 <= self.bits_stored <= 16:
             raise BitstreamError(f"bits stored {self.bits_stored} out of range 8..16")
-        if not 16 <= self.tile_size <= MAX_SIDE or self.tile_size % 16:
-            raise BitstreamError(f"tile size {self.tile_size} is not a multiple of 16")
+        if not 16 <= self.tile_size <= MAX_TILE or self.tile_size % 16:
+            raise BitstreamError(
+                f"tile size {self.tile_size} is not a multiple of 16 in 16..{MAX_TILE}"
+            )
         if len(self.weights_hash) != HASH_BYTES:
             raise BitstreamError("weights hash must be 8 bytes")
         if not 0 < len(self.model_id) < 256 or not self.model_id.isascii():

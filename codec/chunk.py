@@ -10,10 +10,12 @@ decoding puts that value back exactly. A chunk of one value costs only the envel
 Chunk stream layout (little-endian; docs/zarr.md):
 
     magic         4 bytes  b"RDCK"
-    version       u8       1
+    version       u8       2 (version 1, without the checksum, is still read)
     chunk shape   u32, u32 rows, columns zarr expects back
     item size     u8       1 (uint8) or 2 (uint16)
     pad value     u16      the value outside the coded block
+    crc32         u32      of the 16 bytes above (version 2): a flipped pad value or shape
+                           would otherwise change pixels silently
     stream        a Radiarc stream (docs/bitstream.md) of the top-left block, whose header
                   records the block's height and width; absent when the whole chunk is pad
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,8 +43,9 @@ from codec.weights import DEFAULT_MODEL_ID, UnknownModelError, installed_models,
 
 CODEC_ID = "radiarc.rnnconv"
 MAGIC = b"RDCK"
-VERSION = 1
-_ENVELOPE = struct.Struct("<4sBIIBH")
+VERSION = 2
+_ENVELOPE = struct.Struct("<4sBIIBH")  # both versions; version 2 adds a CRC-32 after it
+_CRC = struct.Struct("<I")
 RATE_KEYS = ("iterations", "bpp", "min_ssim", "min_psnr")
 # zarr decodes chunks on several threads at once; the network already uses every core (or the
 # GPU), so one chunk at a time avoids oversubscription and a double first load of the weights.
@@ -147,7 +151,7 @@ def encode_chunk(array: np.ndarray, settings: ChunkSettings) -> bytes:
     chunk = as_chunk(np.asarray(array))
     _check_weights(settings)
     height, width, value = content_extent(chunk)
-    envelope = _ENVELOPE.pack(MAGIC, VERSION, *chunk.shape, chunk.dtype.itemsize, value)
+    envelope = pack_envelope(chunk.shape, chunk.dtype.itemsize, value)
     if height == 0:
         return envelope
     bits = settings.bits_stored or 8 * chunk.dtype.itemsize
@@ -185,7 +189,7 @@ def encode_chunks(
         chunk = as_chunk(np.asarray(original))
         _check_weights(config)
         height, width, value = content_extent(chunk)
-        envelope = _ENVELOPE.pack(MAGIC, VERSION, *chunk.shape, chunk.dtype.itemsize, value)
+        envelope = pack_envelope(chunk.shape, chunk.dtype.itemsize, value)
         if height == 0:
             results[index] = EncodedChunk(envelope, 0, True)
             continue
@@ -218,23 +222,51 @@ def _check_weights(settings: ChunkSettings) -> None:
         )
 
 
-def decode_chunk(data: bytes) -> np.ndarray:
-    """The chunk a chunk stream holds, in the shape and dtype it was written with."""
-    data = bytes(data)
+def pack_envelope(shape: tuple[int, ...], itemsize: int, value: int) -> bytes:
+    """The current (version 2) envelope: fields plus a CRC-32 of them."""
+    head = _ENVELOPE.pack(MAGIC, VERSION, *shape, itemsize, value)
+    return head + _CRC.pack(zlib.crc32(head))
+
+
+def parse_envelope(data: bytes) -> tuple[tuple[int, int, int, int], bytes]:
+    """``((rows, columns, item size, pad value), Radiarc stream)`` of a chunk stream, the
+    envelope checked (magic, version, checksum, bounds) before anything is allocated."""
     if len(data) < _ENVELOPE.size:
         raise BitstreamError(f"chunk stream truncated ({len(data)} bytes)")
     magic, version, rows, cols, itemsize, value = _ENVELOPE.unpack_from(data)
     if magic != MAGIC:
         raise BitstreamError("not a Radiarc chunk stream (bad magic bytes)")
-    if version != VERSION:
-        raise BitstreamError(f"unknown chunk stream version {version} (this reads {VERSION})")
+    if version not in (1, VERSION):
+        raise BitstreamError(f"unknown chunk stream version {version} (this reads 1..{VERSION})")
+    size = _ENVELOPE.size
+    if version >= 2:
+        if len(data) < size + _CRC.size:
+            raise BitstreamError(f"chunk stream truncated ({len(data)} bytes)")
+        (stored,) = _CRC.unpack_from(data, size)
+        if zlib.crc32(data[:size]) != stored:
+            raise BitstreamError("chunk envelope checksum mismatch")
+        size += _CRC.size
     side = bitstream.MAX_SIDE
     if itemsize not in (1, 2) or not (0 < rows <= side and 0 < cols <= side):
         raise BitstreamError(f"bad chunk shape {rows}x{cols} or item size {itemsize}")
+    if rows * cols > bitstream.MAX_PIXELS:
+        raise BitstreamError(f"chunk {rows}x{cols} over {bitstream.MAX_PIXELS} pixels")
     if value >> (8 * itemsize):
         raise BitstreamError(f"pad value {value} does not fit {itemsize}-byte pixels")
+    return (rows, cols, itemsize, value), data[size:]
+
+
+def decode_chunk(data: bytes, expected: tuple[int, int] | None = None) -> np.ndarray:
+    """The chunk a chunk stream holds, in the shape and dtype it was written with.
+
+    ``expected`` is the chunk shape the reader's array declares: a stream declaring another
+    is refused before anything is allocated (a corrupt or hostile chunk must not make the
+    reader allocate what it claims)."""
+    envelope, stream = parse_envelope(bytes(data))
+    rows, cols, itemsize, value = envelope
+    if expected is not None and (rows, cols) != tuple(expected):
+        raise BitstreamError(f"chunk stream holds {rows}x{cols}, the array expects {expected}")
     chunk = np.full((rows, cols), value, dtype=np.uint8 if itemsize == 1 else np.uint16)
-    stream = data[_ENVELOPE.size :]
     if stream:
         header = bitstream.read_header(stream)
         if header.height > rows or header.width > cols or header.bits_stored > 8 * itemsize:

@@ -55,7 +55,9 @@ class RadiarcCodec(Codec):
         return encode_chunk(buf, self.settings)
 
     def decode(self, buf: Any, out: Any = None) -> np.ndarray:
-        chunk = decode_chunk(ensure_bytes(buf))
+        shape: tuple[int, ...] = tuple(getattr(out, "shape", ()))
+        expected = (int(shape[-2]), int(shape[-1])) if len(shape) >= 2 else None
+        chunk = decode_chunk(ensure_bytes(buf), expected)
         return chunk if out is None else ndarray_copy(chunk, out)
 
     def get_config(self) -> dict[str, Any]:

@@ -95,7 +95,8 @@ class RadiarcZarrCodec(ArrayBytesCodec):
             raise ValueError(f"{CODEC_ID} needs chunks of 1 along all but the last two axes")
 
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
-        chunk = decode_chunk(chunk_bytes.to_bytes())
+        rows, cols = chunk_spec.shape[-2:]
+        chunk = decode_chunk(chunk_bytes.to_bytes(), expected=(rows, cols))
         native = chunk_spec.dtype.to_native_dtype()
         if chunk.size != int(np.prod(chunk_spec.shape)) or chunk.dtype.itemsize != native.itemsize:
             raise BitstreamError(

@@ -41,6 +41,7 @@ from zarr.core.buffer import cpu
 
 from codec import bitstream
 from codec.bitstream import BitstreamError
+from codec.chunk import parse_envelope
 from storage.fsutil import is_local, join
 
 __all__ = [
@@ -59,7 +60,6 @@ __all__ = [
 
 ChunkIndex = tuple[int, int]
 
-_ENVELOPE_BYTES = 16  # codec.chunk's header in front of every chunk's Radiarc stream
 _EMPTY = 2**64 - 1
 _CRC_BYTES = 4
 #: Name of the digest :func:`chunks_sha256` computes, recorded beside it (``radiarc.stored``).
@@ -193,9 +193,7 @@ def _check_shard_index(data: bytes, shard: list[int], config: dict[str, Any]) ->
 
 def _check_stream(chunk: bytes) -> None:
     """A chunk stream's envelope and Radiarc stream parse and pass their checksums."""
-    if len(chunk) < _ENVELOPE_BYTES:
-        raise BitstreamError(f"chunk stream truncated ({len(chunk)} bytes)")
-    stream = chunk[_ENVELOPE_BYTES:]
+    _, stream = parse_envelope(chunk)
     if stream:
         bitstream.unpack(stream)
 
@@ -218,7 +216,7 @@ def _inner_chunks(data: bytes, shard: list[int], config: dict[str, Any]) -> Iter
 
 def _iterations(chunk: bytes) -> list[int]:
     """Iterations per tile of one chunk stream; none for a chunk of one value."""
-    stream = chunk[_ENVELOPE_BYTES:]
+    _, stream = parse_envelope(chunk)
     if not stream:
         return []
     return [len(segments) for segments in bitstream.unpack(stream).tiles]

@@ -42,7 +42,11 @@ def _library_transient_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-_TRANSIENT = (ConnectionError, TimeoutError, *_library_transient_types())
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    *_library_transient_types(),
+)
 
 
 def is_transient(error: BaseException) -> bool:

@@ -170,8 +170,12 @@ def test_the_scan_is_never_ahead_of_finished_work_by_more_than_in_flight() -> No
                 return ray.put(BatchResult([], {}, len(batch), 0.0, "fake"))
 
     class Pool:
+        def __init__(self) -> None:
+            self.actors = [Encoder(), Encoder()]
+            self.generations = [0, 0]
+
         def start(self) -> list[Encoder]:
-            return [Encoder(), Encoder()]
+            return self.actors
 
     taken = 0
 

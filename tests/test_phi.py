@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import ray
 import zarr
 from storage_helpers import (
     CHEAP,
@@ -125,7 +126,8 @@ def test_no_patient_values_from_a_migration_flow(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, prefect_api: str, local_ray: str
 ) -> None:
     """The whole pipeline (Prefect flow, Ray encoders, report, artifact) over an export with a
-    patient-named folder: nothing it writes about the archive names the patient."""
+    patient-named folder: nothing it writes about the archive names the patient, in its
+    outputs or in any log (Python, Prefect, Ray workers)."""
     from prefect.artifacts import Artifact
     from prefect.client.orchestration import get_client
 
@@ -157,6 +159,8 @@ def test_no_patient_values_from_a_migration_flow(
     outputs.append(str(artifact.data))
     with get_client(sync_client=True) as client:
         outputs += [log.message for log in client.read_logs(limit=200)]
+    ray_logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    outputs += [p.read_bytes().decode("latin-1") for p in ray_logs.rglob("*") if p.is_file()]
     for text in outputs:
         for value in secrets:
             assert value.lower() not in text.lower(), f"a patient value leaked: {text[:200]!r}"

@@ -50,7 +50,7 @@ from codec.zarr_codec import RadiarcZarrCodec
 FIXTURES = Path(__file__).parent / "fixtures" / "zarr"
 ITERATIONS = 2
 CHUNKS = (48, 48)
-ENVELOPE_BYTES = 16
+ENVELOPE_BYTES = 20  # chunk envelope version 2: 16 bytes of fields + CRC-32
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -276,9 +276,9 @@ def decoder_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts chunk decodes by wrapping our decoder where both codecs call it."""
     calls: list[int] = []
 
-    def counting(data: bytes) -> np.ndarray:
+    def counting(data: bytes, expected: tuple[int, int] | None = None) -> np.ndarray:
         calls.append(len(data))
-        return decode_chunk(data)
+        return decode_chunk(data, expected)
 
     monkeypatch.setattr(codec.zarr_codec, "decode_chunk", counting)
     monkeypatch.setattr(codec.numcodecs_codec, "decode_chunk", counting)
@@ -440,3 +440,15 @@ def test_fixtures_written_earlier_still_decode(
         assert pixels.dtype == expected.dtype and pixels.shape == expected.shape == (64, 80)
         difference = np.abs(pixels.astype(np.int32) - expected.astype(np.int32))
         assert int(difference.max()) <= 1, name
+
+
+def test_a_chunk_declaring_another_shape_is_refused_before_allocating() -> None:
+    """A corrupt or hostile chunk may claim any size up to the format's limit; the reader
+    checks it against the array's chunk shape first, so it never allocates what it claims."""
+    from codec.chunk import pack_envelope
+
+    with pytest.raises(BitstreamError, match="the array expects"):
+        decode_chunk(pack_envelope((8192, 8192), 2, 0), expected=(512, 512))
+    huge = pack_envelope((65535, 65535), 2, 0)
+    with pytest.raises(BitstreamError, match="pixels"):
+        decode_chunk(huge)  # no shape known (numcodecs without ``out``): the global cap
