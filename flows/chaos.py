@@ -93,26 +93,26 @@ class Lab:
             for uri, (options, digest) in self.exports.items()
         }
 
-    def export(self, name: str, on_s3: bool = False) -> str:
-        uri = self._write_export(name, on_s3)
+    def export(self, name: str, on_s3: bool = False, images: int | None = None) -> str:
+        uri = self._write_export(name, on_s3, images or self.images)
         options = {"endpoint_url": self.s3.url} if on_s3 else None
         self.exports[uri] = (options, export_digest(uri, options))
         return uri
 
-    def _write_export(self, name: str, on_s3: bool) -> str:
+    def _write_export(self, name: str, on_s3: bool, images: int) -> str:
         from codec.io import read_png
 
         pngs = [read_png(path) for path in sorted(DATA.glob("*.png"))]
-        pool = [tile for i, png in enumerate(pngs) for tile in crops(png, 96, self.images, seed=i)]
+        pool = [tile for i, png in enumerate(pngs) for tile in crops(png, 96, images, seed=i)]
         if on_s3:
             import s3fs
 
             s3fs.S3FileSystem(endpoint_url=self.s3.url, skip_instance_cache=True).mkdir(name)
             uri = f"s3://{name}/export"
-            write_export(uri, pool[: self.images], storage_options={"endpoint_url": self.s3.url})
+            write_export(uri, pool[:images], storage_options={"endpoint_url": self.s3.url})
             return uri
         uri = str(self.root / name / "export")
-        write_export(uri, pool[: self.images])
+        write_export(uri, pool[:images])
         return uri
 
 
@@ -262,31 +262,49 @@ def _proxy(upstream: str) -> Iterator[S3FaultProxy]:
 
 
 def driver_kills(lab: Lab) -> dict[str, Any]:
-    source = lab.export("driver-kills")
+    source = lab.export("driver-kills", images=2 * lab.kills)  # images left for every kill
     base = Path(source).parent
     env = {**os.environ, "PREFECT_API_URL": lab.prefect_api, "RAY_ADDRESS": lab.ray_address}
     started = time.monotonic()
-    kills = kill_and_resume(
-        source, str(base / "killed"), ONE_AT_A_TIME, lab.kills, env=env, seed=5, delays=(2.0, 14.0)
-    )
+    kills = kill_and_resume(source, str(base / "killed"), ONE_AT_A_TIME, lab.kills, env=env, seed=5)
     final = migrate_flow(source, str(base / "killed"), settings=ONE_AT_A_TIME)
     migrate_flow(source, str(base / "reference"), settings=ONE_AT_A_TIME)
-    same_manifest = manifest_outcome(str(base / "killed")) == manifest_outcome(
-        str(base / "reference")
-    )
-    same_archive = archive_fingerprint(str(base / "killed")) == archive_fingerprint(
-        str(base / "reference")
+    manifests = [manifest_outcome(str(base / name)) for name in ("killed", "reference")]
+    archives = [archive_fingerprint(str(base / name)) for name in ("killed", "reference")]
+    same_manifest, same_archive = manifests[0] == manifests[1], archives[0] == archives[1]
+    differences = sorted(
+        {
+            f"manifest.{field}"
+            for key in manifests[0]
+            for field, value in manifests[0][key].items()
+            if manifests[1].get(key, {}).get(field) != value
+        }
+        | {
+            f"array {key}: {_listing(base / 'killed' / key)} "
+            f"vs {_listing(base / 'reference' / key)}"
+            for key in archives[0]
+            if archives[1].get(key) != archives[0][key]
+        }
     )
     invariants = archive_invariants(str(base / "killed"))
     return {
-        "injected": f"{sum(k.killed for k in kills)} SIGKILLs of the driver in a row "
-        f"(manifest parts after each: {[k.manifest_parts for k in kills]})",
+        "injected": f"{sum(k.killed for k in kills)} SIGKILLs of the driver in a row, "
+        f"{2 * lab.kills} images (images recorded after each: "
+        f"{[k.manifest_parts for k in kills]})",
         "runs": [{"archived_by_final_resume": final.archived, "done_before": final.already_done}],
         "final": dict(Counter(invariants.latest.values())),
         "equal_to_uninterrupted": same_manifest and same_archive,
+        "differences": differences,
         "invariants_hold": invariants.hold and same_manifest and same_archive,
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+def _listing(folder: Path) -> list[str]:
+    """Files of an array folder with their sizes, to show how two copies differ."""
+    return sorted(
+        f"{p.relative_to(folder)}:{p.stat().st_size}" for p in folder.rglob("*") if p.is_file()
+    )
 
 
 def fuzz(lab: Lab) -> dict[str, Any]:
@@ -365,6 +383,9 @@ def main() -> None:
 
     import logging
 
+    from flows.migrate_command import prepare_prefect_environment
+
+    prepare_prefect_environment()  # no telemetry, a writable home, a patient start-up timeout
     import ray
     from prefect.testing.utilities import prefect_test_harness
 

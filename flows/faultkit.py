@@ -159,9 +159,10 @@ migrate_flow(sys.argv[1], sys.argv[2], settings=json.loads(sys.argv[3]))
 
 @dataclass(frozen=True)
 class Kill:
-    """One driver started and, unless it finished first, SIGKILLed after ``after`` seconds."""
+    """One driver started and, unless it finished first, SIGKILLed ``after`` seconds in."""
 
     attempt: int
+    moment: str  # "start-up" or "after N more images"
     after: float
     killed: bool
     manifest_parts: int  # parts in the archive when it died: how far the runs had got
@@ -175,19 +176,24 @@ def kill_and_resume(
     *,
     env: Mapping[str, str],
     seed: int = 0,
-    delays: tuple[float, float] = (0.5, 8.0),
 ) -> list[Kill]:
     """Start the migration ``kills`` times in a row as separate driver processes, each killed
-    (whole process group, SIGKILL) at a random moment within ``delays`` seconds: during
-    startup, the scan, encoding or a manifest write. Each start resumes what the previous
-    ones left. ``env`` must point the drivers at a running Ray (``RAY_ADDRESS``) and Prefect
-    API (``PREFECT_API_URL``) that outlive them."""
+    (whole process group, SIGKILL) at a random moment: a third of them at a random time in
+    the first 4 s (start-up, the first Prefect and Ray calls, the scan), the others once the
+    run has recorded 1 to 3 more images, plus up to half a second (between or during images
+    and manifest writes). Moments are tied to progress, not the clock, so they land mid-run on
+    a fast machine and a slow one alike. Each start resumes what the previous ones left.
+    ``env`` must point the drivers at a running Ray (``RAY_ADDRESS``) and Prefect API
+    (``PREFECT_API_URL``) that outlive them; ``settings`` should record one image per manifest
+    part (``manifest.flush_rows`` 1) so that progress is visible."""
     import ray
 
     rng = random.Random(seed)
     record = []
     with tempfile.TemporaryFile() as errors:
         for attempt in range(kills):
+            before = _manifest_parts(archive)
+            started = time.monotonic()
             driver = subprocess.Popen(
                 [sys.executable, "-c", _DRIVER, source, archive, json.dumps(settings)],
                 env=dict(env),
@@ -195,27 +201,47 @@ def kill_and_resume(
                 stdout=subprocess.DEVNULL,
                 stderr=errors,
             )
-            after = rng.uniform(*delays)
-            try:
-                driver.wait(timeout=after)
-                killed = False
-            except subprocess.TimeoutExpired:
+            if rng.random() < 1 / 3:
+                moment = "start-up"
+                _wait(driver, archive, None, rng.uniform(0.2, 4.0))
+            else:
+                more = rng.randint(1, 3)
+                moment = f"after {more} more images"
+                _wait(driver, archive, before + more, 180)
+                _wait(driver, archive, None, rng.uniform(0.0, 0.5))
+            killed = driver.poll() is None
+            encoders = encoder_pids()
+            if killed:
                 os.killpg(driver.pid, signal.SIGKILL)
-                driver.wait()
-                killed = True
+            driver.wait()
             if not killed and driver.returncode != 0:
                 errors.seek(0)
                 tail = errors.read().decode(errors="replace")[-3000:]
                 raise RuntimeError(f"driver {attempt} failed on its own: {tail}")
-            parts = _manifest_parts(archive)
-            record.append(Kill(attempt, after, killed, parts))
-            # Ray ends a dead driver's actors; wait until their CPUs are free again.
+            after = time.monotonic() - started
+            record.append(Kill(attempt, moment, after, killed, _manifest_parts(archive)))
+            # Ray ends a dead driver's encoders; the next driver must not start while one of
+            # them may still write (two writers of one instance): wait for the processes to be
+            # gone, then for Ray to free their CPUs.
             deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and any(
+                Path(f"/proc/{pid}").exists() for pid in encoders
+            ):
+                time.sleep(0.05)
             while time.monotonic() < deadline and ray.available_resources().get(
                 "CPU", 0
             ) < ray.cluster_resources().get("CPU", 0):
                 time.sleep(0.2)
     return record
+
+
+def _wait(driver: subprocess.Popen[bytes], archive: str, parts: int | None, seconds: float) -> None:
+    """Until the archive has ``parts`` manifest parts, the driver exits, or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while driver.poll() is None and time.monotonic() < deadline:
+        if parts is not None and _manifest_parts(archive) >= parts:
+            return
+        time.sleep(0.02)
 
 
 def _manifest_parts(archive: str) -> int:

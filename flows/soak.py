@@ -10,7 +10,8 @@ Instance UIDs, then migrates it into a fresh local archive with a local Ray and 
 ephemeral API, exactly as ``radiarc migrate`` does. Every ``--every`` seconds it records the
 files settled, the driver's and the encoders' resident memory, and the pace since the last
 sample. At the end it checks that nothing was lost: one ``archived`` row per image and
-exactly those arrays marked complete. Writes ``samples.csv`` and ``summary.md`` to ``--out``.
+exactly those arrays marked complete. Writes ``samples.csv``, ``summary.md`` and
+``soak.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -135,6 +136,25 @@ def summarise(samples: list[Sample]) -> dict[str, float]:
     }
 
 
+def plot(samples: list[Sample], path: Path) -> None:
+    """Pace and memory against files settled: flat lines are what a soak wants to see."""
+    import matplotlib.pyplot as plt
+
+    settled = [s.settled for s in samples]
+    figure, (pace, memory) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    pace.plot(settled, [s.images_per_minute for s in samples])
+    pace.set_ylabel("images / min")
+    memory.plot(settled, [s.driver_rss_mb for s in samples], label="driver")
+    memory.plot(settled, [s.encoders_rss_mb for s in samples], label="encoders (all)")
+    memory.set_ylabel("RSS, MB")
+    memory.set_xlabel("files settled")
+    memory.set_ylim(bottom=0)
+    memory.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
     steady, lost, run = result["steady"], result["lost"], result["run"]
     lines = [
@@ -218,6 +238,7 @@ def main() -> None:
         for sample in samples:
             writer.writerow([round(value, 2) for value in vars(sample).values()])
     (args.out / "summary.md").write_text(markdown(args, result))
+    plot(samples, args.out / "soak.png")
     print(markdown(args, result))
 
 

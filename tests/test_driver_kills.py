@@ -25,7 +25,7 @@ from storage.synth import write_export
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
-IMAGES = 24
+IMAGES = 40
 KILLS = 20
 ONE_AT_A_TIME: dict[str, Any] = {
     "codec": {"tile_size": 32, "rate": {"iterations": 2}},
@@ -43,15 +43,13 @@ def test_twenty_kills_and_resumes_equal_one_uninterrupted_run(
     killed_archive, reference = str(tmp_path / "killed"), str(tmp_path / "reference")
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "RAY_ADDRESS": local_ray}
 
-    kills = kill_and_resume(
-        str(export), killed_archive, ONE_AT_A_TIME, KILLS, env=env, seed=3, delays=(2.0, 14.0)
-    )
+    kills = kill_and_resume(str(export), killed_archive, ONE_AT_A_TIME, KILLS, env=env, seed=3)
     final = migrate_flow(str(export), killed_archive, settings=ONE_AT_A_TIME)
     migrate_flow(str(export), reference, settings=ONE_AT_A_TIME)
 
     assert sum(kill.killed for kill in kills) >= KILLS // 2, kills
-    progress = [kill.manifest_parts for kill in kills]
-    assert progress[-1] > 0 and final.archived < IMAGES, f"no run was cut mid-way: {progress}"
+    mid_way = [k for k in kills if k.killed and 0 < k.manifest_parts < IMAGES]
+    assert mid_way, f"no run was cut mid-way: {kills}"
     assert final.failed == 0
     rows = read_manifest(killed_archive).to_pylist()
     archived = Counter(row["sop_instance_uid"] for row in rows if row["status"] == "archived")

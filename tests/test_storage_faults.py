@@ -41,8 +41,14 @@ def s3_server(s3_endpoint: str) -> Iterator[RestartableMotoServer]:
     server.stop()
 
 
-def new_bucket(endpoint: str, name: str) -> None:
-    s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir(name)
+def s3_export(endpoint: str, bucket: str, images: int, side: int = 96) -> list[str]:
+    """A new bucket holding an export of ``images`` DICOMs under ``export/``."""
+    s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir(bucket)
+    return write_export(
+        f"s3://{bucket}/export",
+        small_pngs(images, side=side),
+        storage_options={"endpoint_url": endpoint},
+    )
 
 
 def migrate(bucket: str, endpoint: str, **extra: Any) -> RunSummary:
@@ -68,12 +74,7 @@ def check_archive(bucket: str, endpoint: str) -> dict[str, str]:
 
 def test_s3_server_stopped_and_restarted_mid_run(s3_server: RestartableMotoServer) -> None:
     bucket = "outage"
-    new_bucket(s3_server.url, bucket)
-    write_export(
-        f"s3://{bucket}/export",
-        small_pngs(IMAGES, side=96),
-        storage_options={"endpoint_url": s3_server.url},
-    )
+    s3_export(s3_server.url, bucket, IMAGES)
     fs = s3fs.S3FileSystem(endpoint_url=s3_server.url, skip_instance_cache=True)
     outages: list[float] = []
 
@@ -104,12 +105,7 @@ def test_s3_server_stopped_and_restarted_mid_run(s3_server: RestartableMotoServe
 
 def test_throttling_server_errors_and_short_reads(s3_server: RestartableMotoServer) -> None:
     bucket = "flaky"
-    new_bucket(s3_server.url, bucket)
-    write_export(
-        f"s3://{bucket}/export",
-        small_pngs(IMAGES, side=96),
-        storage_options={"endpoint_url": s3_server.url},
-    )
+    s3_export(s3_server.url, bucket, IMAGES)
     plan = FaultPlan(error_rate=0.15, error_status=503, short_read_rate=0.15)
     proxy = S3FaultProxy(s3_server.url, plan, seed=7).start()
     try:
@@ -132,12 +128,7 @@ def test_an_object_that_never_reads_fails_with_its_reason(
     s3_server: RestartableMotoServer,
 ) -> None:
     bucket = "unreadable"
-    new_bucket(s3_server.url, bucket)
-    paths = write_export(
-        f"s3://{bucket}/export",
-        small_pngs(4, side=64),
-        storage_options={"endpoint_url": s3_server.url},
-    )
+    paths = s3_export(s3_server.url, bucket, 4, side=64)
     victim = paths[1].split(f"{bucket}/", 1)[1]
     plan = FaultPlan(
         error_rate=1.0, error_status=500, paths=frozenset({victim}), methods=frozenset({"GET"})
