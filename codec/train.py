@@ -15,6 +15,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,10 +137,11 @@ def train(
         )
 
     log = (run_dir / "log.jsonl").open("a")
+    stop = _stop_on_signals()
     started = last_checkpoint = time.monotonic()
     bits_per_iteration = model_config.bits / 256
     model.train()
-    while time.monotonic() - started < minutes * 60:
+    while time.monotonic() - started < minutes * 60 and not stop.is_set():
         batch = sample_batch(images, config.crop, config.batch, rng).to(device)
         reconstructions = model(batch, config.iterations)
         loss = torch.stack([(batch - r).abs().mean() for r in reconstructions]).sum()
@@ -167,6 +170,21 @@ def train(
             last_checkpoint = time.monotonic()
     save_checkpoint()
     print(f"stopped at step {step}; checkpoint {checkpoint_path}")
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM or Ctrl-C end training after the current step, with a checkpoint: a session
+    that must stop loses nothing."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        print(f"signal {signum}: stopping after this step", flush=True)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+    return stop
 
 
 def main(argv: list[str] | None = None) -> None:
