@@ -18,7 +18,7 @@ as DICOM:
 - ``fuzz``: ``python -m storage.fuzz`` for ``--fuzz-minutes`` per target.
 
 After each scenario's runs (a fault-free run finishes what the faults stopped) it checks the
-invariants (flows.faultkit.archive_invariants) and that the source export is byte-identical
+invariants (storage.invariants.archive_invariants) and that the source export is byte-identical
 to before. Prints a table and writes ``results.json`` and ``summary.md`` to ``--out``; exits 1
 if any scenario broke an invariant.
 """
@@ -42,16 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from flows import failpoints
-from flows.faultkit import (
-    archive_fingerprint,
-    archive_invariants,
-    busy_encoder_pids,
-    kill,
-    kill_and_resume,
-    manifest_outcome,
-)
+from flows.faultkit import busy_encoder_pids, kill, kill_and_resume
 from flows.migrate import RunSummary, migrate_flow
 from storage.faults import FaultPlan, RestartableMotoServer, S3FaultProxy
+from storage.invariants import archive_fingerprint, archive_invariants, manifest_outcome
 from storage.synth import crops, write_export
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"

@@ -29,8 +29,9 @@ from typing import Any
 
 import pydicom
 
-from flows.faultkit import complete_instances, encoder_pids
+from flows.faultkit import encoder_pids
 from flows.progress import ProgressSink, reporting
+from storage.invariants import complete_instances
 from storage.manifest import read_manifest
 from storage.uids import derived_uid
 

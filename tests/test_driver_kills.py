@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from storage_helpers import small_pngs
 
-from flows.faultkit import archive_fingerprint, kill_and_resume, manifest_outcome
+from flows.faultkit import kill_and_resume
 from flows.migrate import migrate_flow
+from storage.invariants import archive_fingerprint, manifest_outcome
 from storage.manifest import read_manifest
 from storage.synth import write_export
 

@@ -20,9 +20,9 @@ import pytest
 import s3fs
 from storage_helpers import small_pngs
 
-from flows.faultkit import archive_invariants
 from flows.migrate import RunSummary, migrate_flow
 from storage.faults import FaultPlan, RestartableMotoServer, S3FaultProxy
+from storage.invariants import archive_invariants
 from storage.manifest import read_manifest
 from storage.synth import write_export
 

@@ -20,8 +20,9 @@ import zarr
 from storage_helpers import small_pngs
 
 from flows import failpoints
-from flows.faultkit import archive_invariants, busy_encoder_pids, complete_instances, kill
+from flows.faultkit import busy_encoder_pids, kill
 from flows.migrate import RunSummary, migrate_flow
+from storage.invariants import archive_invariants, complete_instances
 from storage.manifest import read_manifest
 from storage.synth import write_export
 
