@@ -129,11 +129,18 @@ def train(
     no_pooling: Annotated[
         bool, typer.Option(help="Toderici-style encoder (no multi-level pooling).")
     ] = False,
+    loss: Annotated[
+        str, typer.Option(help="l1 (Toderici) or log-mse (minus the mean PSNR over iterations).")
+    ] = "l1",
+    hard_fraction: Annotated[
+        float, typer.Option(help="Share of each batch cropped around sharp edges (0-1).")
+    ] = 0.0,
 ) -> None:
     """Train the RNN-Conv codec (see `python -m codec.train --help` for every option)."""
     from codec.train import main as train_main
 
     argv = [str(images), str(run_dir), "--minutes", str(minutes)]
+    argv += ["--loss", loss, "--hard-fraction", str(hard_fraction)]
     argv += ["--resume"] if resume else []
     argv += ["--no-pooling"] if no_pooling else []
     train_main(argv)

@@ -50,3 +50,58 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path: Path) -> None:
     assert second.returncode == 0, output
     assert f"resumed {run / 'checkpoint.pt'} at step {saved['step']}" in output
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] > saved["step"]
+
+
+def test_edge_blocks_find_the_burned_in_text_and_hard_crops_hold_them() -> None:
+    import numpy as np
+
+    from codec.io import read_png
+    from codec.train import EDGE_BLOCK, EDGE_STEP, edge_blocks, sample_batch
+
+    # A real radiograph with burned-in labels; the blocks found must hold a real jump.
+    image = read_png(DATA / "00007617_000.png").pixels.astype(np.float32) / 255 - 0.5
+    found = edge_blocks(image)
+    assert 0 < len(found) < 0.2 * (image.shape[0] // EDGE_BLOCK) * (image.shape[1] // EDGE_BLOCK)
+    for y, x in found[:: max(1, len(found) // 20)]:
+        block = image[y : y + EDGE_BLOCK + 1, x : x + EDGE_BLOCK + 1]
+        jumps = max(np.abs(np.diff(block, axis=0)).max(), np.abs(np.diff(block, axis=1)).max())
+        assert jumps >= EDGE_STEP
+
+    rng = np.random.default_rng(0)
+    batch = sample_batch([image], 64, 8, rng, hard_fraction=0.5, edges=[found]).numpy()
+    steps = [
+        max(np.abs(np.diff(c[0], axis=0)).max(), np.abs(np.diff(c[0], axis=1)).max()) for c in batch
+    ]
+    assert all(step >= EDGE_STEP for step in steps[:4])  # the hard half, before any flip matters
+    smooth = np.zeros((256, 256), dtype=np.float32)
+    assert len(edge_blocks(smooth)) == 0
+    plain = sample_batch([smooth], 64, 4, rng, hard_fraction=1.0, edges=[edge_blocks(smooth)])
+    assert plain.shape == (4, 1, 64, 64)  # no edges anywhere: falls back to random crops
+
+
+def test_checkpoint_eval_measures_whole_images_that_improve_with_iterations() -> None:
+    import math
+
+    from codec.bench.checkpoint_eval import squared_errors
+
+    checkpoint = Path(__file__).parents[1] / "codec/checkpoints/rnnconv-pool/checkpoint.pt"
+    errors = squared_errors(checkpoint, [DATA / "00004934_000.png"], 3)
+    assert errors[0] > errors[1] > errors[2] > 0
+    assert 10 * math.log10(1 / errors[2]) > 28  # a trained network, not a random one
+
+
+def test_checkpoint_eval_says_where_the_error_is(tmp_path: Path) -> None:
+    import numpy as np
+
+    from codec.bench.checkpoint_eval import evaluate
+    from codec.io import read_png
+
+    checkpoint = Path(__file__).parents[1] / "codec/checkpoints/rnnconv-pool/checkpoint.pt"
+    image = DATA / "00007617_000.png"
+    result = evaluate(checkpoint, [image], 2, error_map=tmp_path / "map.png")
+    assert len(result.block_errors) == (1024 // 16) ** 2
+    assert 0.01 < result.worst_share(0.01) < result.worst_share(0.05) < 1
+    panel = read_png(tmp_path / "map.png").pixels
+    assert panel.shape == (512, 1536)
+    assert panel[:, 1024:].mean() < panel[:, :512].mean()  # the error panel is mostly dark
+    assert np.abs(panel[:, :512].astype(int) - panel[:, 512:1024]).mean() < 8  # decoded ~ original
