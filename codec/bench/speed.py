@@ -1,6 +1,6 @@
 """Speed and seam benchmark of the learned codec; prints Markdown tables.
 
-    python -m codec.bench.speed IMAGES... [--bpp 0.25] [--model rnnconv-pool-v1] [--tile 512]
+    python -m codec.bench.speed IMAGES... [--bpp 0.25] [--model rnnconv-pool-v3] [--tile 512]
 
 Speed: encode and decode megapixels per second on this machine (torch's default threads),
 and the decode time of each image at the target rate. Seams: mean squared error in bands of
