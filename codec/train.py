@@ -160,6 +160,7 @@ def train(
         rng.bit_generator.state = checkpoint["numpy_rng"]
         torch.set_rng_state(checkpoint["torch_rng"])
         print(f"resumed {checkpoint_path} at step {step}")
+        _say_if_recipe_changed(checkpoint.get("train_config", {}), config)
     elif checkpoint_path.exists():
         raise SystemExit(f"{checkpoint_path} exists: pass --resume or choose another RUN_DIR")
     for group in optimizer.param_groups:
@@ -222,6 +223,18 @@ def train(
             last_checkpoint = time.monotonic()
     save_checkpoint()
     print(f"stopped at step {step}; checkpoint {checkpoint_path}")
+
+
+def _say_if_recipe_changed(saved: dict[str, object], config: TrainConfig) -> None:
+    """Resuming with other loss flags than the checkpoint's is allowed (it is how a fine-tune
+    starts) but should never happen unnoticed."""
+    before = (saved.get("loss", "l1"), saved.get("hard_fraction", 0.0))
+    if before != (config.loss, config.hard_fraction):
+        print(
+            f"note: the checkpoint was trained with --loss {before[0]} --hard-fraction "
+            f"{before[1]}; continuing with --loss {config.loss} --hard-fraction "
+            f"{config.hard_fraction}"
+        )
 
 
 def _stop_on_signals() -> threading.Event:
