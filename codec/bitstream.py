@@ -3,7 +3,7 @@
 Layout of format version 1 (all integers little-endian; documented in docs/bitstream.md):
 
     magic            4 bytes  b"RDRC"
-    version          u8       1
+    version          u8       1, or 2 when segments carry block stops
     model id         u8 length + ASCII
     weights hash     8 bytes  first 8 bytes of the weights file's SHA-256
     height, width    u32, u32
@@ -14,6 +14,9 @@ Layout of format version 1 (all integers little-endian; documented in docs/bitst
                      u32 CRC-32 of the tile's segments
     header CRC-32    u32      over everything above
     payload          for each tile, its segments in iteration order
+
+Format version 2 is the same container whose segments also say which 16x16 blocks are still
+being refined (spatially adaptive rate, see codec/entropy.py): ``block_stops`` in the header.
 
 Any prefix of a tile's iterations is a valid coarser stream (:func:`keep_iterations` rewrites
 the table), and each tile can be checked and decoded without the others.
@@ -27,7 +30,8 @@ import zlib
 from dataclasses import dataclass, field
 
 MAGIC = b"RDRC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # streams whose every block is coded at every iteration
+BLOCK_STOPS_VERSION = 2  # segments carry which blocks are still refined
 HASH_BYTES = 8
 MAX_SIDE = 1 << 16  # larger than any radiograph; bounds memory for hostile headers
 #: Most pixels a stream may declare (128 Mi, 256 MiB of 16-bit pixels): detector radiographs are
@@ -50,6 +54,7 @@ class StreamHeader:
     bits_stored: int
     tile_size: int
     code_channels: int
+    block_stops: bool = False  # format 2: blocks may stop refining before their tile does
 
     def __post_init__(self) -> None:
         if not (0 < self.height <= MAX_SIDE and 0 < self.width <= MAX_SIDE):
@@ -125,7 +130,7 @@ def pack(stream: Stream) -> bytes:
     if len(stream.tiles) != header.tile_count:
         raise ValueError(f"{len(stream.tiles)} tiles for a grid of {header.tile_count}")
     out = bytearray(MAGIC)
-    out.append(FORMAT_VERSION)
+    out.append(BLOCK_STOPS_VERSION if header.block_stops else FORMAT_VERSION)
     model_id = header.model_id.encode("ascii")
     out += bytes([len(model_id)]) + model_id + header.weights_hash
     out += _FIXED.pack(
@@ -148,16 +153,30 @@ def _read_header(reader: _Reader) -> tuple[StreamHeader, list[tuple[list[int], i
     if reader.take(4, "magic") != MAGIC:
         raise BitstreamError("not a Radiarc stream (bad magic bytes)")
     version = reader.take(1, "version")[0]
-    if version != FORMAT_VERSION:
-        raise BitstreamError(f"unknown stream format version {version} (this reads 1)")
+    if version not in (FORMAT_VERSION, BLOCK_STOPS_VERSION):
+        raise BitstreamError(
+            f"unknown stream format version {version} "
+            f"(this reads {FORMAT_VERSION} and {BLOCK_STOPS_VERSION})"
+        )
     id_length = reader.take(1, "model id")[0]
     try:
         model_id = reader.take(id_length, "model id").decode("ascii")
     except UnicodeDecodeError as error:
         raise BitstreamError("model id is not ASCII") from error
     weights_hash = reader.take(HASH_BYTES, "weights hash")
-    fields = _FIXED.unpack(reader.take(_FIXED.size, "image geometry"))
-    header = StreamHeader(model_id, weights_hash, *fields)
+    height, width, bits_stored, tile_size, channels = _FIXED.unpack(
+        reader.take(_FIXED.size, "image geometry")
+    )
+    header = StreamHeader(
+        model_id,
+        weights_hash,
+        height,
+        width,
+        bits_stored,
+        tile_size,
+        channels,
+        block_stops=version == BLOCK_STOPS_VERSION,
+    )
     table = []
     for _ in range(header.tile_count):
         count = reader.take(1, "tile table")[0]

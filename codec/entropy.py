@@ -57,12 +57,18 @@ def _checkerboard(height: int, width: int) -> np.ndarray:
     return (rows + cols) % 2 == 0
 
 
-def _neighbour_sum(bits: np.ndarray | None, shape: tuple[int, int, int]) -> np.ndarray:
-    """Sum of the four neighbours as +-1 (0 outside the array), shifted to 0..8."""
-    if bits is None:
+def _signed(bits: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
+    """0/1 bits as -1/+1, and 0 where a block is not coded (as outside the array)."""
+    signed = bits.astype(np.int64) * 2 - 1
+    return signed if active is None else signed * active
+
+
+def _neighbour_sum(signed: np.ndarray | None, shape: tuple[int, int, int]) -> np.ndarray:
+    """Sum of the four neighbours' -1/0/+1 values (0 outside the array), shifted to 0..8."""
+    if signed is None:
         return np.full(shape, NEIGHBOUR_SUMS // 2, dtype=np.int64)
-    signed = np.pad(bits.astype(np.int64) * 2 - 1, ((0, 0), (1, 1), (1, 1)))
-    total = signed[:, :-2, 1:-1] + signed[:, 2:, 1:-1] + signed[:, 1:-1, :-2] + signed[:, 1:-1, 2:]
+    padded = np.pad(signed, ((0, 0), (1, 1), (1, 1)))
+    total = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
     return total + NEIGHBOUR_SUMS // 2
 
 
@@ -82,27 +88,56 @@ def _context_probabilities(
     return numerators.astype(np.float64) / PROBABILITY_SCALE
 
 
+@dataclass(frozen=True)
+class _Blocks:
+    """Which code positions an iteration codes: all of them (format 1), or those of the
+    blocks still refining (format 2), a subset of the previous iteration's."""
+
+    shape: tuple[int, int, int]
+    active: np.ndarray  # (h, w) bool
+    previous_active: np.ndarray | None  # None: first iteration, or format 1
+
+    def masks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Positions of pass A and of pass B, each restricted to active blocks."""
+        board = _checkerboard(*self.shape[1:])
+        return (
+            np.broadcast_to(board & self.active, self.shape),
+            np.broadcast_to(~board & self.active, self.shape),
+        )
+
+    def previous_signed(self, previous: np.ndarray | None) -> np.ndarray | None:
+        if previous is None:
+            return None
+        return _signed(previous, self.previous_active)
+
+
 def _pass_probabilities(
     tables: ContextTables,
     iteration: int,
     previous: np.ndarray | None,
-    pass_a_bits: np.ndarray | None,
-    shape: tuple[int, int, int],
+    pass_a_signed: np.ndarray | None,
+    blocks: _Blocks,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-position probabilities for pass A, and for pass B given pass A's bits."""
+    shape = blocks.shape
     if shape[0] != tables.channels:
         raise ValueError(f"codes have {shape[0]} channels, tables {tables.channels}")
     prob_a = _context_probabilities(
-        tables.pass_a, iteration, previous, _neighbour_sum(previous, shape)
+        tables.pass_a, iteration, previous, _neighbour_sum(blocks.previous_signed(previous), shape)
     )
     prob_b = (
         _context_probabilities(
-            tables.pass_b, iteration, previous, _neighbour_sum(pass_a_bits, shape)
+            tables.pass_b, iteration, previous, _neighbour_sum(pass_a_signed, shape)
         )
-        if pass_a_bits is not None
+        if pass_a_signed is not None
         else prob_a
     )
     return prob_a, prob_b
+
+
+def _stop_probability(continuing: int, candidates: int) -> np.ndarray:
+    """P(a block keeps refining), from the count the segment states: exact in float64."""
+    return np.array([continuing / candidates], dtype=np.float64)
 
 
 def _words_to_bytes(words: np.ndarray) -> bytes:
@@ -115,18 +150,64 @@ def _bytes_to_words(data: bytes) -> np.ndarray:
     return np.frombuffer(padded, dtype="<u4").astype(np.uint32)
 
 
+def _leb128(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_leb128(data: bytes) -> tuple[int, int]:
+    """The value at the start of ``data`` and how many bytes it took."""
+    value = 0
+    for index, byte in enumerate(data[:5]):
+        value |= (byte & 0x7F) << (7 * index)
+        if not byte & 0x80:
+            return value, index + 1
+    raise EntropyCodingError("segment does not start with a block count")
+
+
 def encode_iteration(
-    bits: np.ndarray, previous: np.ndarray | None, iteration: int, tables: ContextTables
+    bits: np.ndarray,
+    previous: np.ndarray | None,
+    iteration: int,
+    tables: ContextTables,
+    active: np.ndarray | None = None,
+    previous_active: np.ndarray | None = None,
 ) -> bytes:
-    """Range-code one iteration's ``(channels, h, w)`` 0/1 bits."""
+    """Range-code one iteration's ``(channels, h, w)`` 0/1 bits.
+
+    With ``previous_active`` (format 2, iterations after the first), the segment first says
+    which of those blocks are still ``active`` (a LEB128 count, then one flag per block coded
+    at that rate), and then codes the bits of active blocks only: a block that stopped costs
+    nothing more.
+    """
     bits = bits.astype(np.uint8)
-    mask_a = np.broadcast_to(_checkerboard(*bits.shape[1:]), bits.shape)
-    pass_a = np.where(mask_a, bits, 0)
-    prob_a, prob_b = _pass_probabilities(tables, iteration, previous, pass_a, bits.shape)
+    height, width = bits.shape[1:]
+    if active is None:
+        active = np.ones((height, width), dtype=bool)
+    if previous_active is None and not active.all():
+        raise ValueError("blocks can only stop after the first iteration")
+    if previous_active is not None and (active & ~previous_active).any():
+        raise ValueError("a block that stopped cannot start again")
+    blocks = _Blocks(bits.shape, active, previous_active)
+    mask_a, mask_b = blocks.masks()
+    pass_a = np.where(mask_a, _signed(bits), 0)
+    prob_a, prob_b = _pass_probabilities(tables, iteration, previous, pass_a, blocks)
     encoder = constriction.stream.queue.RangeEncoder()
+    prefix = b""
+    if previous_active is not None:
+        candidates, continuing = int(previous_active.sum()), int(active.sum())
+        prefix = _leb128(continuing)
+        if 0 < continuing < candidates:
+            flags = active[previous_active].astype(np.int32)
+            probability = _stop_probability(continuing, candidates)
+            encoder.encode(flags, _MODEL, np.broadcast_to(probability, flags.shape))
     encoder.encode(bits[mask_a].astype(np.int32), _MODEL, prob_a[mask_a])
-    encoder.encode(bits[~mask_a].astype(np.int32), _MODEL, prob_b[~mask_a])
-    return _words_to_bytes(encoder.get_compressed())
+    encoder.encode(bits[mask_b].astype(np.int32), _MODEL, prob_b[mask_b])
+    return prefix + _words_to_bytes(encoder.get_compressed())
 
 
 def decode_iteration(
@@ -135,19 +216,40 @@ def decode_iteration(
     previous: np.ndarray | None,
     iteration: int,
     tables: ContextTables,
-) -> np.ndarray:
-    """Inverse of :func:`encode_iteration`: the ``shape`` array of 0/1 bits."""
-    mask_a = np.broadcast_to(_checkerboard(*shape[1:]), shape)
-    prob_a, _ = _pass_probabilities(tables, iteration, previous, None, shape)
+    previous_active: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`encode_iteration`: the ``shape`` array of 0/1 bits (0 in blocks not
+    coded) and the ``(h, w)`` mask of blocks this iteration codes."""
     try:
+        active = np.ones(shape[1:], dtype=bool)
+        if previous_active is not None:
+            continuing, used = _read_leb128(data)
+            data = data[used:]
+            candidates = int(previous_active.sum())
+            if continuing > candidates:
+                raise EntropyCodingError(
+                    f"segment continues {continuing} blocks of {candidates} still refining"
+                )
         decoder = constriction.stream.queue.RangeDecoder(_bytes_to_words(data))
+        if previous_active is not None:
+            active = previous_active.copy() if continuing == candidates else np.zeros_like(active)
+            if 0 < continuing < candidates:
+                probability = _stop_probability(continuing, candidates)
+                flags = decoder.decode(_MODEL, np.broadcast_to(probability, (candidates,)))
+                active[previous_active] = flags.astype(bool)
+        blocks = _Blocks(shape, active, previous_active)
+        mask_a, mask_b = blocks.masks()
+        prob_a, _ = _pass_probabilities(tables, iteration, previous, None, blocks)
         bits = np.zeros(shape, dtype=np.uint8)
         bits[mask_a] = decoder.decode(_MODEL, prob_a[mask_a])
-        _, prob_b = _pass_probabilities(tables, iteration, previous, bits, shape)
-        bits[~mask_a] = decoder.decode(_MODEL, prob_b[~mask_a])
+        pass_a = np.where(mask_a, _signed(bits), 0)
+        _, prob_b = _pass_probabilities(tables, iteration, previous, pass_a, blocks)
+        bits[mask_b] = decoder.decode(_MODEL, prob_b[mask_b])
     except (ValueError, RuntimeError, OverflowError, AssertionError) as error:  # constriction
+        if isinstance(error, EntropyCodingError):
+            raise
         raise EntropyCodingError(f"entropy-coded segment does not decode: {error}") from error
-    return bits
+    return bits, active
 
 
 def fit_tables(code_sequences: list[list[np.ndarray]], channels: int) -> ContextTables:
@@ -168,8 +270,9 @@ def fit_tables(code_sequences: list[list[np.ndarray]], channels: int) -> Context
             bucket = np.full(full, min(iteration, ITERATION_BUCKETS - 1))
             state = _previous_state(previous, full)
             mask_a = np.broadcast_to(_checkerboard(*full[1:]), full)
-            pass_a = np.where(mask_a, bits, 0)
-            neighbours = (_neighbour_sum(previous, full), _neighbour_sum(pass_a, full))
+            pass_a = np.where(mask_a, _signed(bits), 0)
+            previous_signed = None if previous is None else _signed(previous)
+            neighbours = (_neighbour_sum(previous_signed, full), _neighbour_sum(pass_a, full))
             for index, mask in enumerate((mask_a, ~mask_a)):
                 where = (channel[mask], bucket[mask], state[mask], neighbours[index][mask])
                 np.add.at(ones[index], where, bits[mask])

@@ -16,6 +16,7 @@ import torch
 
 from codec import bitstream, entropy
 from codec.bitstream import BitstreamError, Stream, StreamHeader
+from codec.block_stops import ThresholdSearch, block_stop_rule
 from codec.io import GrayImage, peak_value
 from codec.metrics import WINDOW, ssim
 from codec.rate import RateControl, allocate_bytes, first_meeting, psnr_from_sse
@@ -61,18 +62,38 @@ def _to_pixels(reconstruction: torch.Tensor, peak: int, dtype: np.dtype) -> np.n
     return np.clip(values, 0, peak).astype(dtype)
 
 
+def _valid_pixels(blocks: Sequence[GrayImage], padded: tuple[int, int]) -> torch.Tensor:
+    """(N, 1, H, W): 1.0 on each block's pixels, 0.0 on the padding to the network grid."""
+    valid = torch.zeros(len(blocks), 1, *padded)
+    for position, block in enumerate(blocks):
+        height, width = block.pixels.shape
+        valid[position, 0, :height, :width] = 1.0
+    return valid
+
+
 def code_blocks(
-    blocks: Sequence[GrayImage], loaded: LoadedModel, iterations: int, with_ssim: bool
+    blocks: Sequence[GrayImage],
+    loaded: LoadedModel,
+    iterations: int,
+    with_ssim: bool,
+    stop_threshold_db: float | None = None,
 ) -> list[EncodedTile]:
     """One network call over blocks that pad to one shape; each block's entropy-coded
     segments and the error each iteration leaves (what rate control chooses from).
 
-    Blocks may differ in bit depth: each is normalised by its own peak.
+    Blocks may differ in bit depth: each is normalised by its own peak. With
+    ``stop_threshold_db`` each 16x16 block stops refining once good enough
+    (:mod:`codec.block_stops`; format 2 segments), and a tile ends when all its blocks have.
     """
     stacked = np.stack([pad_tile(_normalise(block.pixels, block.peak)) for block in blocks])
     x = torch.from_numpy(stacked[:, None]).to(model_device(loaded))
-    codes, reconstructions = loaded.model.compress(x, iterations)
+    stop_rule = None
+    if stop_threshold_db is not None:
+        valid = _valid_pixels(blocks, stacked.shape[1:]).to(x.device)
+        stop_rule = block_stop_rule(stop_threshold_db, valid)
+    codes, reconstructions = loaded.model.compress(x, iterations, stop_rule)
     bits = [(code > 0).to(torch.uint8).cpu().numpy() for code in codes]
+    active = [(code != 0).any(dim=1).cpu().numpy() for code in codes]
     coded = []
     for position, block in enumerate(blocks):
         original = block.pixels
@@ -80,8 +101,14 @@ def code_blocks(
         tile = EncodedTile([], [], [])
         previous = None
         for k in range(iterations):
+            refined = active[k][position]
+            if not refined.any():
+                break  # every block of this tile has stopped: the tile ends here
+            previous_active = active[k - 1][position] if stop_rule and k else None
             tile.segments.append(
-                entropy.encode_iteration(bits[k][position], previous, k, loaded.tables)
+                entropy.encode_iteration(
+                    bits[k][position], previous, k, loaded.tables, refined, previous_active
+                )
             )
             previous = bits[k][position]
             decoded = _to_pixels(reconstructions[k][position, 0], block.peak, original.dtype)
@@ -95,13 +122,20 @@ def code_blocks(
 
 
 def _encode_tiles(
-    image: GrayImage, boxes: list[TileBox], loaded: LoadedModel, iterations: int, with_ssim: bool
+    image: GrayImage,
+    boxes: list[TileBox],
+    loaded: LoadedModel,
+    iterations: int,
+    with_ssim: bool,
+    stop_threshold_db: float | None = None,
 ) -> list[EncodedTile]:
     blocks = [GrayImage(image.pixels[box.slices], image.bits_stored) for box in boxes]
     encoded: list[EncodedTile | None] = [None] * len(boxes)
     shapes = [(box.height, box.width) for box in boxes]
     for batch in batches_by_padded_shape(shapes, TILE_BATCH):
-        coded = code_blocks([blocks[i] for i in batch], loaded, iterations, with_ssim)
+        coded = code_blocks(
+            [blocks[i] for i in batch], loaded, iterations, with_ssim, stop_threshold_db
+        )
         for index, tile in zip(batch, coded, strict=True):
             encoded[index] = tile
     return [tile for tile in encoded if tile is not None]
@@ -118,9 +152,8 @@ def _choose_iterations(
 
     ``budget`` is the bytes left for segments and their table entries under a bpp target.
     """
-    most = len(tiles[0].segments)
     if rate.iterations is not None:
-        return [most] * len(tiles), True
+        return [len(t.segments) for t in tiles], True
     if rate.bpp is not None:
         costs = [[len(s) + _varint_size(len(s)) for s in t.segments] for t in tiles]
         chosen = allocate_bytes(costs, [t.squared_errors for t in tiles], budget)
@@ -128,6 +161,7 @@ def _choose_iterations(
         return chosen, spent <= budget
     chosen, met = [], True
     for tile, box in zip(tiles, boxes, strict=True):
+        most = len(tile.segments)
         if rate.min_ssim is not None:
             # Slivers narrower than the SSIM window keep every iteration: they cost little.
             k = first_meeting(tile.ssims, rate.min_ssim) if tile.ssims else most
@@ -149,9 +183,24 @@ class TileCandidates:
     tiles: list[EncodedTile]
     peak: int
 
+    @property
+    def iterations(self) -> int:
+        """The most iterations any tile was coded to."""
+        return max(len(tile.segments) for tile in self.tiles)
+
+    @property
+    def full_size(self) -> int:
+        """Bytes of the stream that keeps every coded iteration."""
+        segments = sum(len(s) + _varint_size(len(s)) for t in self.tiles for s in t.segments)
+        return len(bitstream.pack(Stream(self.header, [[] for _ in self.boxes]))) + segments
+
+    def squared_error(self, chosen: list[int]) -> float:
+        """Total squared error of the image when each tile keeps ``chosen`` iterations."""
+        return sum(t.squared_errors[k - 1] for t, k in zip(self.tiles, chosen, strict=True))
+
     def select(self, rate: RateControl) -> EncodeResult:
         """The stream ``rate`` asks for (its iterations must not exceed those coded)."""
-        if rate.iterations is not None and rate.iterations > len(self.tiles[0].segments):
+        if rate.iterations is not None and rate.iterations > self.iterations:
             raise ValueError("more iterations asked than were coded")
         # The container with no segments: what every stream of this image costs in any case.
         overhead = len(bitstream.pack(Stream(self.header, [[] for _ in self.boxes])))
@@ -173,8 +222,10 @@ def encode_candidates(
     model_id: str = DEFAULT_MODEL_ID,
     tile_size: int = DEFAULT_TILE_SIZE,
     with_ssim: bool = False,
+    stop_threshold_db: float | None = None,
 ) -> TileCandidates:
-    """Run the network once over every tile, to ``iterations`` (default: as trained)."""
+    """Run the network once over every tile, to ``iterations`` (default: as trained); with
+    ``stop_threshold_db``, blocks stop refining once good enough (a format 2 stream)."""
     if tile_size % 16 or tile_size < 16:
         raise ValueError(f"tile size must be a positive multiple of 16, got {tile_size}")
     loaded = load_model(model_id)
@@ -190,11 +241,48 @@ def encode_candidates(
         image.bits_stored,
         tile_size,
         loaded.model.config.bits,
+        block_stops=stop_threshold_db is not None,
     )
     boxes = tile_boxes(height, width, tile_size)
     count = iterations or loaded.trained_iterations
-    tiles = _encode_tiles(image, boxes, loaded, count, with_ssim)
+    tiles = _encode_tiles(image, boxes, loaded, count, with_ssim, stop_threshold_db)
     return TileCandidates(header, boxes, tiles, image.peak)
+
+
+class AdaptiveCandidates:
+    """One image coded with block stops at the thresholds a bpp target needs, cached so that
+    several targets on one image (the bench's case) share network runs."""
+
+    def __init__(
+        self, image: GrayImage, model_id: str = DEFAULT_MODEL_ID, tile_size: int = DEFAULT_TILE_SIZE
+    ) -> None:
+        self.image = image
+        self.model_id = model_id
+        self.tile_size = tile_size
+        self._coded: dict[float, TileCandidates] = {}
+        self._search = ThresholdSearch(lambda threshold: self.at(threshold).full_size)
+
+    def at(self, threshold_db: float) -> TileCandidates:
+        if threshold_db not in self._coded:
+            self._coded[threshold_db] = encode_candidates(
+                self.image, None, self.model_id, self.tile_size, stop_threshold_db=threshold_db
+            )
+        return self._coded[threshold_db]
+
+    def select(self, bpp: float) -> EncodeResult:
+        """The stream with the least squared error among those not above ``bpp``; the
+        thresholds are searched, and tiles may drop late iterations as in the uniform mode."""
+        rate = RateControl(bpp=bpp)
+        budget = int(bpp * self.image.pixels.size / 8)
+        best: tuple[float, EncodeResult] | None = None
+        for threshold in self._search.run(budget):
+            candidates = self.at(threshold)
+            result = candidates.select(rate)
+            error = candidates.squared_error(result.tile_iterations)
+            if best is None or (result.target_met, -error) > (best[1].target_met, -best[0]):
+                best = (error, result)
+        assert best is not None  # the search always tries its first thresholds
+        return best[1]
 
 
 def encode_image(
@@ -204,6 +292,8 @@ def encode_image(
     tile_size: int = DEFAULT_TILE_SIZE,
 ) -> EncodeResult:
     """Compress ``image`` into a Radiarc stream under ``rate``."""
+    if rate.adaptive and rate.bpp is not None:
+        return AdaptiveCandidates(image, model_id, tile_size).select(rate.bpp)
     candidates = encode_candidates(
         image, rate.iterations, model_id, tile_size, with_ssim=rate.min_ssim is not None
     )
@@ -222,14 +312,21 @@ def _check_model(header: StreamHeader) -> LoadedModel:
     return loaded
 
 
-def _decode_bits(
-    segments: list[bytes], shape: tuple[int, int, int], loaded: LoadedModel
+def _decode_codes(
+    segments: list[bytes], shape: tuple[int, int, int], loaded: LoadedModel, block_stops: bool
 ) -> list[np.ndarray]:
-    bits, previous = [], None
+    """A tile's codes per iteration as the network reads them: +-1, and 0 in stopped blocks."""
+    codes: list[np.ndarray] = []
+    previous, previous_active = None, None
     for k, segment in enumerate(segments):
-        previous = entropy.decode_iteration(segment, shape, previous, k, loaded.tables)
-        bits.append(previous)
-    return bits
+        bits, active = entropy.decode_iteration(
+            segment, shape, previous, k, loaded.tables, previous_active if block_stops else None
+        )
+        if not active.any():
+            raise BitstreamError(f"iteration {k + 1} of a tile refines no block")
+        codes.append((bits.astype(np.float32) * 2 - 1) * active)
+        previous, previous_active = bits, active
+    return codes
 
 
 def decode_image(
@@ -266,18 +363,21 @@ def decode_image(
             raise BitstreamError(
                 f"a tile has more iterations than the model's {loaded.model.config.max_iterations}"
             )
-        tile_bits = [_decode_bits(segments, shape, loaded) for segments in kept]
-        most = max(len(b) for b in tile_bits)
+        tile_codes = [
+            _decode_codes(segments, shape, loaded, header.block_stops) for segments in kept
+        ]
+        most = max(len(c) for c in tile_codes)
         codes = []
         for k in range(most):
-            # Tiles that stopped earlier get zero codes; their later outputs are not used.
-            layer = np.stack([b[k] if k < len(b) else np.full(shape, 0.5) for b in tile_bits])
-            codes.append(torch.from_numpy(layer.astype(np.float32) * 2 - 1).to(device))
+            # Tiles that ended earlier get zero codes, which leave their pixels as they were.
+            stopped = np.zeros(shape, np.float32)
+            layer = np.stack([c[k] if k < len(c) else stopped for c in tile_codes])
+            codes.append(torch.from_numpy(layer).to(device))
         reconstructions = loaded.model.decompress(codes)
         for position, index in enumerate(indices):
             box = boxes[index]
             pixels = _to_pixels(
-                reconstructions[len(tile_bits[position]) - 1][position, 0], peak, dtype
+                reconstructions[len(tile_codes[position]) - 1][position, 0], peak, dtype
             )
             pixels = pixels[: box.height, : box.width]
             top, left = max(box.top, rows[0]), max(box.left, cols[0])

@@ -1,7 +1,8 @@
 """The learned codec behind the bench's rate-distortion interface, beside the baselines.
 
 Its rate parameter is the iteration count; ``encode_at_bpp`` uses the codec's own rate control
-(per-tile iteration choice under a byte budget), which is how it is used in production.
+(per-tile iteration choice under a byte budget), which is how it is used in production. The
+name ``MODEL_ID+blocks`` is the same model with spatially adaptive rate (block stops, format 2).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from codec.bitstream import BitstreamError
 from codec.io import GrayImage
 from codec.learned import (
     DEFAULT_TILE_SIZE,
+    AdaptiveCandidates,
     TileCandidates,
     decode_image,
     encode_candidates,
@@ -24,6 +26,13 @@ from codec.metrics import bits_per_pixel
 from codec.rate import RateControl
 from codec.weights import installed_models, load_model
 
+ADAPTIVE_SUFFIX = "+blocks"
+
+
+def learned_codec_names() -> list[str]:
+    """Every bench name of the installed models: each model id, uniform and adaptive."""
+    return [name for model in installed_models() for name in (model, model + ADAPTIVE_SUFFIX)]
+
 
 class LearnedCodec(RateDistortionCodec):
     """An installed RNN-Conv model, named by its model id."""
@@ -31,17 +40,34 @@ class LearnedCodec(RateDistortionCodec):
     parameter_range: ClassVar[tuple[float, float]] = (1, 16)
     integer_parameter: ClassVar[bool] = True
 
-    def __init__(self, model_id: str, tile_size: int = DEFAULT_TILE_SIZE) -> None:
+    def __init__(
+        self, model_id: str, tile_size: int = DEFAULT_TILE_SIZE, adaptive: bool = False
+    ) -> None:
         self.model_id = model_id
         self.tile_size = tile_size
-        self.name = model_id  # type: ignore[misc]  # instances carry their model id as name
-        # The bench asks for several rates of one image in a row: run the network once.
+        self.adaptive = adaptive
+        # Instances carry their model id (and mode) as name.
+        self.name = model_id + (ADAPTIVE_SUFFIX if adaptive else "")  # type: ignore[misc]
+        # The bench asks for several rates of one image in a row: run the network once (per
+        # threshold, in the adaptive mode).
         self._last: tuple[GrayImage, TileCandidates] | None = None
+        self._last_adaptive: AdaptiveCandidates | None = None
+
+    @classmethod
+    def named(cls, name: str) -> LearnedCodec:
+        """``MODEL_ID`` or ``MODEL_ID+blocks``."""
+        adaptive = name.endswith(ADAPTIVE_SUFFIX)
+        return cls(name.removesuffix(ADAPTIVE_SUFFIX), adaptive=adaptive)
 
     def _candidates(self, image: GrayImage) -> TileCandidates:
         if self._last is None or self._last[0] is not image:
             self._last = (image, encode_candidates(image, None, self.model_id, self.tile_size))
         return self._last[1]
+
+    def _adaptive(self, image: GrayImage) -> AdaptiveCandidates:
+        if self._last_adaptive is None or self._last_adaptive.image is not image:
+            self._last_adaptive = AdaptiveCandidates(image, self.model_id, self.tile_size)
+        return self._last_adaptive
 
     def encode(self, image: GrayImage, parameter: float) -> bytes:
         rate = RateControl(iterations=int(parameter))
@@ -57,7 +83,10 @@ class LearnedCodec(RateDistortionCodec):
         self, image: GrayImage, target_bpp: float, *, tolerance: float = 0.01
     ) -> tuple[bytes, float]:
         del tolerance  # the byte allocation is exact
-        result = self._candidates(image).select(RateControl(bpp=target_bpp))
+        if self.adaptive:
+            result = self._adaptive(image).select(target_bpp)
+        else:
+            result = self._candidates(image).select(RateControl(bpp=target_bpp))
         if not result.target_met:
             achieved = bits_per_pixel(result.n_bytes, image.pixels.size)
             raise RateUnreachable(self.name, target_bpp, achieved, 1)

@@ -12,11 +12,18 @@ With ``multi_level_pooling`` the binarizer sees the encoder's features from thre
 Contract (after CompressAI): ``forward`` for training returns every iteration's reconstruction;
 ``compress`` returns binary codes (tensors of +-1) and the reconstructions the decoder will see;
 ``decompress`` rebuilds from codes. Packing codes into bytes is not this module's business.
+
+Spatially adaptive rate (after Johnston et al. 2018): ``compress`` can be given a stop rule that,
+after each iteration, says which 16x16 blocks still need refining. A block that stopped gets
+all-zero codes from then on (neither +1 nor -1, so nothing to transmit) and its pixels are
+frozen: ``decompress`` reads the same zero codes as "stopped" and leaves those pixels alone, so
+encoder and decoder agree exactly. With no stop rule every code is +-1 and nothing changes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +33,16 @@ from torch import nn
 from codec.layers import Binarizer, ConvGRUCell
 
 DOWNSAMPLING = 16  # pixels per code position along each axis
+
+#: Given the input and the reconstruction so far (both ``(N, 1, H, W)``), which blocks still
+#: need refining: ``(N, 1, H/16, W/16)`` of 0.0 / 1.0.
+StopRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _block_update_mask(code: torch.Tensor) -> torch.Tensor:
+    """1.0 over the pixels of blocks whose code is not all zero, 0.0 over stopped blocks."""
+    coded = (code != 0).any(dim=1, keepdim=True).to(code.dtype)
+    return F.interpolate(coded, scale_factor=DOWNSAMPLING, mode="nearest")
 
 
 @dataclass(frozen=True)
@@ -117,18 +134,22 @@ class RNNConvCodec(nn.Module):
                 f"iterations must be in 1..{self.config.max_iterations}, got {iterations}"
             )
 
-    def forward(self, x: torch.Tensor, iterations: int) -> list[torch.Tensor]:
-        """Training pass: the reconstruction after each iteration (stochastic binarizer)."""
-        codes, reconstructions = self._encode(x, iterations)
+    def forward(
+        self, x: torch.Tensor, iterations: int, stop_rule: StopRule | None = None
+    ) -> list[torch.Tensor]:
+        """Training pass: the reconstruction after each iteration (stochastic binarizer),
+        with blocks stopping as ``compress`` would stop them under ``stop_rule``."""
+        codes, reconstructions = self._encode(x, iterations, stop_rule)
         del codes
         return reconstructions
 
     @torch.no_grad()
     def compress(
-        self, x: torch.Tensor, iterations: int
+        self, x: torch.Tensor, iterations: int, stop_rule: StopRule | None = None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Codes (each ``(N, bits, H/16, W/16)`` of +-1) and the reconstruction after each."""
-        return self._encode(x, iterations)
+        """Codes (each ``(N, bits, H/16, W/16)`` of +-1, or 0 in blocks ``stop_rule`` has
+        stopped) and the reconstruction after each."""
+        return self._encode(x, iterations, stop_rule)
 
     @torch.no_grad()
     def decompress(self, codes: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -139,12 +160,13 @@ class RNNConvCodec(nn.Module):
         reconstructions = []
         for iteration, code in enumerate(codes):
             output, state = self.decoder(code, state)
-            reconstruction = reconstruction + output / self.log_gains[iteration].exp()
+            update = output * _block_update_mask(code) if iteration else output
+            reconstruction = reconstruction + update / self.log_gains[iteration].exp()
             reconstructions.append(reconstruction)
         return reconstructions  # type: ignore[return-value]
 
     def _encode(
-        self, x: torch.Tensor, iterations: int
+        self, x: torch.Tensor, iterations: int, stop_rule: StopRule | None = None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         self._check_iterations(iterations)
         if x.shape[-1] % DOWNSAMPLING or x.shape[-2] % DOWNSAMPLING:
@@ -153,11 +175,18 @@ class RNNConvCodec(nn.Module):
         decoder_state: list[torch.Tensor | None] = [None] * 4
         reconstruction = torch.zeros_like(x)
         codes, reconstructions = [], []
+        refining: torch.Tensor | None = None  # blocks still coded; None: all of them
         for iteration in range(iterations):
             gain = self.log_gains[iteration].exp()
             code, encoder_state = self.encoder((x - reconstruction) * gain, encoder_state)
+            if refining is not None:
+                code = code * refining
             output, decoder_state = self.decoder(code, decoder_state)
-            reconstruction = reconstruction + output / gain
+            update = output * _block_update_mask(code) if refining is not None else output
+            reconstruction = reconstruction + update / gain
+            if stop_rule is not None:
+                still = stop_rule(x, reconstruction)
+                refining = still if refining is None else refining * still
             codes.append(code)
             reconstructions.append(reconstruction)
         return codes, reconstructions

@@ -27,11 +27,15 @@ class RateControl:
     bpp: float | None = None
     min_ssim: float | None = None
     min_psnr: float | None = None
+    #: With ``bpp``: 16x16 blocks stop refining once good enough (codec/block_stops.py).
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         chosen = [v for v in (self.iterations, self.bpp, self.min_ssim, self.min_psnr) if v]
         if len(chosen) != 1:
             raise ValueError("choose exactly one of iterations, bpp, min_ssim, min_psnr")
+        if self.adaptive and self.bpp is None:
+            raise ValueError("adaptive (per-block) rate needs a bpp target")
         if self.iterations is not None and self.iterations < 1:
             raise ValueError(f"iterations must be at least 1, got {self.iterations}")
         if self.bpp is not None and not 0 < self.bpp < 64:
@@ -45,7 +49,7 @@ class RateControl:
         if self.iterations is not None:
             return f"iterations={self.iterations}"
         if self.bpp is not None:
-            return f"bpp<={self.bpp:g}"
+            return f"bpp<={self.bpp:g}" + (" adaptive" if self.adaptive else "")
         if self.min_ssim is not None:
             return f"ssim>={self.min_ssim:g}"
         return f"psnr>={self.min_psnr:g}"

@@ -7,6 +7,9 @@ crops with random flips. Two losses: Toderici's ``l1`` (mean absolute residual a
 iteration, summed over iterations) and ``log-mse`` (the mean over iterations of 10 log10 MSE, i.e.
 minus the mean PSNR), which weighs each iteration equally and, unlike L1, weighs a large error
 (burned-in text, lead markers, collimator edges) by its size, as PSNR and SSIM do.
+``--block-stop-fraction`` trains that share of each batch as the adaptive encoder codes
+(codec/block_stops.py): 16x16 blocks stop refining once good enough, at a threshold drawn per
+crop, so the decoder learns that a neighbour's all-zero code means "stopped", not "no change".
 ``--hard-fraction`` draws that share of each batch around such sharp edges, which are under 1% of
 a radiograph but held most of the squared error of the L1-trained models. A checkpoint (model,
 optimiser, step, RNG states) is written atomically every few minutes and at the end, so a killed
@@ -29,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from codec.block_stops import block_stop_rule
 from codec.io import ImageError, read_png
-from codec.model import ModelConfig, RNNConvCodec, count_parameters
+from codec.model import ModelConfig, RNNConvCodec, StopRule, count_parameters
 
 
 @dataclass(frozen=True)
@@ -44,11 +48,26 @@ class TrainConfig:
     snapshot_every_steps: int = 2000
     loss: str = "l1"
     hard_fraction: float = 0.0
+    block_stop_fraction: float = 0.0
 
 
 LOSSES = ("l1", "log-mse")
 EDGE_BLOCK = 16
 EDGE_STEP = 0.25  # a jump of a quarter of full scale between neighbours: text, markers, edges
+#: Thresholds drawn for crops trained with block stops: the range bpp targets of 0.1-0.6 use.
+BLOCK_STOP_THRESHOLDS_DB = (10.0, 22.0)
+
+
+def training_stop_rule(batch: torch.Tensor, fraction: float) -> StopRule | None:
+    """Block stops for the first ``fraction`` of ``batch``, each crop at its own threshold
+    drawn from :data:`BLOCK_STOP_THRESHOLDS_DB`; the other crops refine every block."""
+    stopped = round(batch.shape[0] * fraction)
+    if not stopped:
+        return None
+    low, high = BLOCK_STOP_THRESHOLDS_DB
+    thresholds = torch.full((batch.shape[0], 1, 1, 1), math.inf, device=batch.device)
+    thresholds[:stopped] = low + (high - low) * torch.rand(stopped, 1, 1, 1, device=batch.device)
+    return block_stop_rule(thresholds, torch.ones_like(batch))
 
 
 def load_images(folder: Path) -> list[np.ndarray]:
@@ -196,7 +215,8 @@ def train(
         batch = sample_batch(
             images, config.crop, config.batch, rng, config.hard_fraction, edges
         ).to(device)
-        reconstructions = model(batch, config.iterations)
+        stop_rule = training_stop_rule(batch, config.block_stop_fraction)
+        reconstructions = model(batch, config.iterations, stop_rule)
         loss = training_loss(batch, reconstructions, config.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -228,12 +248,17 @@ def train(
 def _say_if_recipe_changed(saved: dict[str, object], config: TrainConfig) -> None:
     """Resuming with other loss flags than the checkpoint's is allowed (it is how a fine-tune
     starts) but should never happen unnoticed."""
-    before = (saved.get("loss", "l1"), saved.get("hard_fraction", 0.0))
-    if before != (config.loss, config.hard_fraction):
+    before = (
+        saved.get("loss", "l1"),
+        saved.get("hard_fraction", 0.0),
+        saved.get("block_stop_fraction", 0.0),
+    )
+    if before != (config.loss, config.hard_fraction, config.block_stop_fraction):
         print(
             f"note: the checkpoint was trained with --loss {before[0]} --hard-fraction "
-            f"{before[1]}; continuing with --loss {config.loss} --hard-fraction "
-            f"{config.hard_fraction}"
+            f"{before[1]} --block-stop-fraction {before[2]}; continuing with --loss "
+            f"{config.loss} --hard-fraction {config.hard_fraction} --block-stop-fraction "
+            f"{config.block_stop_fraction}"
         )
 
 
@@ -272,10 +297,18 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="share of each batch cropped around sharp edges (0-1)",
     )
+    parser.add_argument(
+        "--block-stop-fraction",
+        type=float,
+        default=0.0,
+        help="share of each batch trained with adaptive block stops (0-1)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.hard_fraction <= 1.0:
-        parser.error(f"--hard-fraction must be in 0..1, got {args.hard_fraction}")
+    for flag in ("hard_fraction", "block_stop_fraction"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            name = "--" + flag.replace("_", "-")
+            parser.error(f"{name} must be in 0..1, got {getattr(args, flag)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model_config = ModelConfig(
@@ -291,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         loss=args.loss,
         hard_fraction=args.hard_fraction,
+        block_stop_fraction=args.block_stop_fraction,
     )
     train(args.images, args.run_dir, model_config, train_config, args.minutes, args.resume)
 

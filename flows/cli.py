@@ -74,7 +74,8 @@ def bench(
         str,
         typer.Option(
             help="Comma-separated codecs to compare: jpeg2000, htj2k, jpegxl, jpeg, jpegls, "
-            "and the installed learned models by id (radiarc info lists them)."
+            "and the installed learned models by id (radiarc info lists them); MODEL_ID+blocks "
+            "is that model with spatially adaptive rate (blocks stop refining one by one)."
         ),
     ] = DEFAULT_CODECS,
     bpp: Annotated[
@@ -92,12 +93,11 @@ def bench(
     """Compare classical and learned codecs at target bit rates: PSNR, SSIM, MS-SSIM, BD-rate."""
     from codec.baselines import BASELINES, RateDistortionCodec
     from codec.bench import Skip, load_images, run_bench, write_report
-    from codec.learned_rd import LearnedCodec
-    from codec.weights import installed_models
+    from codec.learned_rd import LearnedCodec, learned_codec_names
     from storage.images import load_image
 
     names = [name.strip() for name in codecs.split(",") if name.strip()]
-    known = [*BASELINES, *installed_models()]
+    known = [*BASELINES, *learned_codec_names()]
     unknown = [name for name in names if name not in known]
     if unknown or not names:
         raise typer.BadParameter(
@@ -106,7 +106,7 @@ def bench(
     targets = parse_bpps(bpp)
 
     def make(name: str) -> RateDistortionCodec:
-        return BASELINES[name]() if name in BASELINES else LearnedCodec(name)
+        return BASELINES[name]() if name in BASELINES else LearnedCodec.named(name)
 
     skipped: list[Skip] = []
     paths = expand_image_paths(images)

@@ -44,6 +44,13 @@ def encode(
         DEFAULT_MODEL_ID
     ),
     tile_size: Annotated[int, typer.Option(help="Tile side in pixels (multiple of 16).")] = 512,
+    adaptive: Annotated[
+        bool,
+        typer.Option(
+            help="With --bpp: each 16x16 block stops refining once good enough "
+            "(spatially adaptive rate; several network runs to meet the target)."
+        ),
+    ] = False,
 ) -> None:
     """Compress SRC (PNG or DICOM) into a Radiarc stream at DST; prints what it achieved.
 
@@ -54,7 +61,7 @@ def encode(
     if iterations is None and bpp is None and min_ssim is None and min_psnr is None:
         iterations = 4
     try:
-        rate = RateControl(iterations=iterations, bpp=bpp, min_ssim=min_ssim, min_psnr=min_psnr)
+        rate = RateControl(iterations, bpp, min_ssim, min_psnr, adaptive=adaptive)
         image = load_image(src)
         result = encode_image(image, rate, model_id=model, tile_size=tile_size)
     except (ValueError, ImageError, BitstreamError) as error:
@@ -104,8 +111,10 @@ def info(src: Annotated[Path, typer.Argument(help="Radiarc stream.")]) -> None:
         raise _fail(f"{src}: {error}") from error
     header = stream.header
     rows, cols = header.tile_grid
+    version = bitstream.BLOCK_STOPS_VERSION if header.block_stops else bitstream.FORMAT_VERSION
+    stops = " (blocks stop refining one by one)" if header.block_stops else ""
     console.print(
-        f"format version {bitstream.FORMAT_VERSION}, model {header.model_id} "
+        f"format version {version}{stops}, model {header.model_id} "
         f"(weights {header.weights_hash.hex()}; installed: {', '.join(installed_models())})"
     )
     console.print(
@@ -135,12 +144,17 @@ def train(
     hard_fraction: Annotated[
         float, typer.Option(help="Share of each batch cropped around sharp edges (0-1).")
     ] = 0.0,
+    block_stop_fraction: Annotated[
+        float,
+        typer.Option(help="Share of each batch trained with adaptive block stops (0-1)."),
+    ] = 0.0,
 ) -> None:
     """Train the RNN-Conv codec (see `python -m codec.train --help` for every option)."""
     from codec.train import main as train_main
 
     argv = [str(images), str(run_dir), "--minutes", str(minutes)]
     argv += ["--loss", loss, "--hard-fraction", str(hard_fraction)]
+    argv += ["--block-stop-fraction", str(block_stop_fraction)]
     argv += ["--resume"] if resume else []
     argv += ["--no-pooling"] if no_pooling else []
     train_main(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 from hypothesis import given, settings
@@ -26,6 +27,15 @@ def test_round_trip_keeps_header_and_segments() -> None:
     assert HEADER.tile_grid == (2, 3)
 
 
+def test_format_2_says_blocks_stop_and_keeps_it_through_a_prefix() -> None:
+    stream = Stream(dataclasses.replace(HEADER, block_stops=True), sample_stream().tiles)
+    data = bitstream.pack(stream)
+    assert data[4] == bitstream.BLOCK_STOPS_VERSION
+    assert bitstream.unpack(data) == stream
+    assert bitstream.read_header(bitstream.keep_iterations(data, 1)).block_stops
+    assert bitstream.pack(sample_stream())[4] == bitstream.FORMAT_VERSION  # unchanged format 1
+
+
 def test_prefix_of_iterations_is_a_valid_smaller_stream() -> None:
     data = bitstream.pack(sample_stream())
     smaller = bitstream.keep_iterations(data, 1)
@@ -46,7 +56,7 @@ def test_unrequested_tiles_are_not_read() -> None:
     ("mutate", "message"),
     [
         (lambda d: b"XXXX" + d[4:], "magic"),
-        (lambda d: d[:4] + bytes([9]) + d[5:], "version 9"),
+        (lambda d: d[:4] + bytes([9]) + d[5:], "version 9 .this reads 1 and 2"),
         (lambda d: d[:-1], "payload"),
         (lambda d: d[:30], "truncated"),
         (lambda d: d + b"\0", "payload"),

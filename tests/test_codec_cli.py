@@ -36,6 +36,20 @@ def test_encode_decode_info_round_trip(tmp_path: Path, chest_xray: GrayImage) ->
     assert "320x256 pixels" in described.output and "8 bits stored" in described.output
 
 
+def test_adaptive_encode_writes_format_2_and_decodes(tmp_path: Path, chest_xray: GrayImage) -> None:
+    source = small_png(tmp_path, chest_xray)
+    stream, output = tmp_path / "crop.rdrc", tmp_path / "back.png"
+    encoded = runner.invoke(app, ["encode", str(source), str(stream), "--bpp", "0.3", "--adaptive"])
+    assert encoded.exit_code == 0, encoded.output
+    assert "adaptive" in encoded.output and stream.stat().st_size * 8 / (256 * 320) <= 0.3
+    described = runner.invoke(app, ["info", str(stream)])
+    assert "format version 2 (blocks stop refining one by one)" in described.output
+    assert runner.invoke(app, ["decode", str(stream), str(output)]).exit_code == 0
+    assert psnr(read_png(source).pixels, read_png(output).pixels, 8) > 30
+    refused = runner.invoke(app, ["encode", str(source), str(stream), "--adaptive"])
+    assert refused.exit_code == 2 and "needs a bpp target" in refused.output
+
+
 def test_decode_fewer_iterations_gives_the_prefix(tmp_path: Path, chest_xray: GrayImage) -> None:
     source = small_png(tmp_path, chest_xray)
     stream = tmp_path / "crop.rdrc"

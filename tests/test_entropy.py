@@ -33,7 +33,7 @@ def round_trip(codes: list[np.ndarray], tables: ContextTables) -> tuple[list[np.
     for k, bits in enumerate(codes):
         data = encode_iteration(bits, None if k == 0 else codes[k - 1], k, tables)
         total += len(data)
-        previous = decode_iteration(data, bits.shape, previous, k, tables)
+        previous, _ = decode_iteration(data, bits.shape, previous, k, tables)
         decoded.append(previous)
     return decoded, total
 
@@ -65,7 +65,7 @@ def test_channel_mismatch_is_refused() -> None:
 @given(st.binary(max_size=300))
 def test_random_segments_decode_to_bits_or_fail_cleanly(data: bytes) -> None:
     try:
-        bits = decode_iteration(data, (8, 5, 7), None, 0, ContextTables.uniform(8))
+        bits, _ = decode_iteration(data, (8, 5, 7), None, 0, ContextTables.uniform(8))
     except EntropyCodingError:
         return
     assert bits.shape == (8, 5, 7)

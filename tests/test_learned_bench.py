@@ -23,3 +23,13 @@ def test_learned_codec_points_are_real_streams_under_target(chest_xray: GrayImag
         assert 10 < row.psnr < 99
     assert ours[0].bytes < ours[1].bytes
     assert {row.codec for row in rows} == {DEFAULT_MODEL_ID, "jpeg2000"}
+
+
+def test_adaptive_learned_codec_is_benched_under_its_own_name(chest_xray: GrayImage) -> None:
+    crop = GrayImage(np.ascontiguousarray(chest_xray.pixels[256:512, 384:640]), 8)
+    learned = LearnedCodec.named(DEFAULT_MODEL_ID + "+blocks")
+    assert learned.adaptive and learned.model_id == DEFAULT_MODEL_ID
+    learned.tile_size = 256
+    rows = run_bench([("crop", crop)], [learned], [0.2])
+    assert [row.codec for row in rows] == [DEFAULT_MODEL_ID + "+blocks"]
+    assert rows[0].bpp <= 0.2 and rows[0].psnr > 30
