@@ -25,7 +25,7 @@ from codec.model import DOWNSAMPLING, StopRule
 #: In squared full-scale units: (1/20 of full scale)^2, chosen on val images (docs/codec.md).
 CONTRAST_FLOOR = 0.0025
 #: Thresholds searched first, then refined by interpolation: they span ~0.08-0.6 bpp on chest
-#: X-rays with rnnconv-pool-v3.
+#: X-rays with rnnconv-pool-v3 and v4.
 FIRST_THRESHOLDS_DB = (11.0, 17.0)
 THRESHOLD_RANGE_DB = (0.0, 40.0)
 SEARCH_STEPS = 3  # interpolation steps after the first thresholds

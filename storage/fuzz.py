@@ -345,7 +345,7 @@ def codec_seeds() -> tuple[list[bytes], list[bytes]]:
     import torch
 
     from codec.chunk import ChunkSettings, encode_chunk
-    from codec.learned import encode_image
+    from codec.learned import AdaptiveCandidates, encode_image
     from codec.rate import RateControl
 
     torch.set_num_threads(1)
@@ -356,6 +356,8 @@ def codec_seeds() -> tuple[list[bytes], list[bytes]]:
     streams = [
         encode_image(eight, RateControl(iterations=2), tile_size=32).data,
         encode_image(twelve, RateControl(iterations=3), tile_size=32).data,
+        # Format 2: blocks that stop refining (segments carry stop flags).
+        AdaptiveCandidates(twelve, tile_size=32).select(1.5).data,
     ]
     padded = np.zeros((32, 32), dtype=np.uint8)
     padded[:20, :24] = eight.pixels[:20, :24]
@@ -384,9 +386,11 @@ def resealed_streams(draw: st.DrawFn, seeds: Sequence[bytes]) -> bytes:
         "bits_stored": header.bits_stored,
         "tile_size": header.tile_size,
         "code_channels": header.code_channels,
+        "block_stops": header.block_stops,
     }
     tiles = [list(segments) for segments in stream.tiles]
-    what = draw(st.sampled_from(["geometry", "bits", "channels", "segment", "iterations"]))
+    kinds = ["geometry", "bits", "channels", "segment", "iterations", "format"]
+    what = draw(st.sampled_from(kinds))
     if what == "geometry":
         side = st.integers(1, 96) | st.sampled_from([1, 15, 16, 17, 4096, bitstream.MAX_SIDE])
         fields["height"], fields["width"] = draw(side), draw(side)
@@ -395,6 +399,8 @@ def resealed_streams(draw: st.DrawFn, seeds: Sequence[bytes]) -> bytes:
         fields["bits_stored"] = draw(st.integers(8, 16))
     elif what == "channels":
         fields["code_channels"] = draw(st.integers(0, 255))
+    elif what == "format":  # format 1 segments read as format 2, and the reverse
+        fields["block_stops"] = not header.block_stops
     elif what == "segment":
         tile = draw(st.integers(0, len(tiles) - 1))
         if tiles[tile]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codec import bitstream
+from codec.bitstream import BitstreamError
 from codec.block_stops import ThresholdSearch, block_stop_rule
 from codec.entropy import ContextTables, EntropyCodingError, decode_iteration, encode_iteration
 from codec.io import GrayImage
@@ -177,3 +180,25 @@ def test_random_format_2_segments_decode_or_fail_cleanly(data: bytes) -> None:
         return
     assert not (active & ~previous_active).any()
     assert not bits[:, ~active].any()
+
+
+def test_format_confusions_and_empty_iterations_fail_cleanly(one_thread_torch: None) -> None:
+    """Resealed streams (valid CRCs): format 1 segments read as format 2 and the reverse, and a
+    format 2 iteration that refines no block, raise the stream error or decode to the header's
+    geometry; nothing else escapes."""
+    from storage.fuzz import codec_seeds
+
+    streams, _ = codec_seeds()
+    for data in streams:
+        stream = bitstream.unpack(data)
+        flipped = dataclasses.replace(stream.header, block_stops=not stream.header.block_stops)
+        try:
+            decoded = decode_image(bitstream.pack(bitstream.Stream(flipped, stream.tiles)))
+        except BitstreamError:
+            continue
+        assert decoded.pixels.shape == (stream.header.height, stream.header.width)
+    adaptive = bitstream.unpack(streams[-1])
+    assert adaptive.header.block_stops
+    nothing_refined = [[segments[0], b"\x00"] for segments in adaptive.tiles]
+    with pytest.raises(BitstreamError, match="refines no block"):
+        decode_image(bitstream.pack(bitstream.Stream(adaptive.header, nothing_refined)))

@@ -1,6 +1,7 @@
 """Speed and seam benchmark of the learned codec; prints Markdown tables.
 
-    python -m codec.bench.speed IMAGES... [--bpp 0.25] [--model rnnconv-pool-v3] [--tile 512]
+    python -m codec.bench.speed IMAGES... [--bpp 0.25] [--model rnnconv-pool-v4] [--tile 512] \
+        [--adaptive]
 
 Speed: encode and decode megapixels per second on this machine (torch's default threads),
 and the decode time of each image at the target rate. Seams: mean squared error in bands of
@@ -54,9 +55,12 @@ def seam_ratio(original: np.ndarray, decoded: np.ndarray, tile: int, band: int =
     return float(error[mask].mean() / max(error[~mask].mean(), 1e-12))
 
 
-def measure(image: GrayImage, bpp: float, model_id: str, tile: int) -> SpeedPoint:
+def measure(
+    image: GrayImage, bpp: float, model_id: str, tile: int, adaptive: bool = False
+) -> SpeedPoint:
     started = time.perf_counter()
-    result = encode_image(image, RateControl(bpp=bpp), model_id=model_id, tile_size=tile)
+    rate = RateControl(bpp=bpp, adaptive=adaptive)
+    result = encode_image(image, rate, model_id=model_id, tile_size=tile)
     encoded = time.perf_counter()
     decoded = decode_image(result.data)
     finished = time.perf_counter()
@@ -75,16 +79,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bpp", type=float, default=0.25)
     parser.add_argument("--model", default=DEFAULT_MODEL_ID)
     parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument(
+        "--adaptive", action="store_true", help="block stops (several network runs per encode)"
+    )
     args = parser.parse_args(argv)
     load_model(args.model)  # load once, so the first image does not pay for it
     points = []
     for path in args.images:
-        point = measure(read_png(path), args.bpp, args.model, args.tile)
+        point = measure(read_png(path), args.bpp, args.model, args.tile, args.adaptive)
         points.append(point)
         print(f"{path.name}: {point}", flush=True)
     mp = sum(p.megapixels for p in points)
     print(
-        f"\n{args.model}, tile {args.tile}, target {args.bpp} bpp, "
+        f"\n{args.model}{' with block stops' if args.adaptive else ''}, tile {args.tile}, "
+        f"target {args.bpp} bpp, "
         f"{torch.get_num_threads()} threads, {len(points)} images\n"
     )
     print("| encode MP/s | decode MP/s | decode s/image (median) | mean bpp | seam MSE ratio |")
