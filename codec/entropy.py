@@ -236,6 +236,10 @@ def decode_iteration(
             if 0 < continuing < candidates:
                 probability = _stop_probability(continuing, candidates)
                 flags = decoder.decode(_MODEL, np.broadcast_to(probability, (candidates,)))
+                if int(flags.sum()) != continuing:
+                    raise EntropyCodingError(
+                        f"segment says {continuing} blocks go on but its flags say {flags.sum()}"
+                    )
                 active[previous_active] = flags.astype(bool)
         blocks = _Blocks(shape, active, previous_active)
         mask_a, mask_b = blocks.masks()
