@@ -61,6 +61,9 @@ def parse_bpps(text: str) -> list[float]:
     return values
 
 
+POINT_LOG_NAME = "points.partial.csv"
+
+
 @app.command()
 def bench(
     images: Annotated[
@@ -89,10 +92,17 @@ def bench(
         Path,
         typer.Option(help="Folder for points.csv, summary.md and the psnr/ssim/ms_ssim plots."),
     ] = Path("bench-out"),
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the points an interrupted run with the same --out already measured "
+            f"(saved one by one in {POINT_LOG_NAME}) and measure only the rest."
+        ),
+    ] = False,
 ) -> None:
     """Compare classical and learned codecs at target bit rates: PSNR, SSIM, MS-SSIM, BD-rate."""
     from codec.baselines import BASELINES, RateDistortionCodec
-    from codec.bench import Skip, load_images, run_bench, write_report
+    from codec.bench import PointLog, Skip, load_images, run_bench, write_report
     from codec.learned_rd import LearnedCodec, learned_codec_names
     from storage.images import load_image
 
@@ -118,10 +128,27 @@ def bench(
     if not loaded:
         typer.echo("no readable images; nothing to bench", err=True)
         raise typer.Exit(code=1)
+    log = PointLog(out / POINT_LOG_NAME)
+    wanted = {image_name for image_name, _ in loaded}
+    done = [
+        row
+        for row in (log.read() if resume else [])
+        if row.image in wanted and row.codec in names and row.target_bpp in targets
+    ]
+    if done:
+        typer.echo(f"resuming: {len(done)} points already measured in {log.path}", err=True)
+    log.start(done)
     rows = run_bench(
-        loaded, [make(name) for name in names], targets, skipped=skipped, progress=True
+        loaded,
+        [make(name) for name in names],
+        targets,
+        skipped=skipped,
+        progress=True,
+        done=done,
+        on_row=log.append,
     )
     typer.echo(write_report(rows, skipped, out))
+    log.path.unlink()
     typer.echo(f"wrote {out / 'points.csv'}, {out / 'summary.md'} and plots to {out}", err=True)
 
 

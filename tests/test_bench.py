@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from codec.baselines import JPEG, JPEG2000, JPEGLS
 from codec.bench import Skip, bd_rate, ms_ssim_db, run_bench, write_report
-from codec.bench.report import CSV_COLUMNS, read_csv
+from codec.bench.report import CSV_COLUMNS, PointLog, read_csv
 from codec.io import GrayImage, write_png
-from flows.cli import app, expand_image_paths
+from flows.cli import POINT_LOG_NAME, app, expand_image_paths
 
 RATES = [0.1, 0.2, 0.4, 0.8, 1.6]
 PSNRS = [36.0, 39.5, 42.5, 45.0, 47.0]
@@ -124,6 +124,39 @@ def test_cli_bench_runs_on_pngs_and_reports_a_corrupt_file(
     ]
 
 
+def test_cli_bench_resumes_an_interrupted_run_without_measuring_its_points_again(
+    xray_8bit: GrayImage, xray_12bit: GrayImage, tmp_path: Path
+) -> None:
+    images = tmp_path / "images"
+    write_pngs(images, xray_8bit, xray_12bit)
+    out = tmp_path / "out"
+    arguments = ["bench", str(images), "--codecs", "jpeg2000", "--bpp", "0.5,1", "--out", str(out)]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert not (out / POINT_LOG_NAME).exists()  # a finished run leaves no log behind
+    first = read_csv(out / "points.csv")
+    assert len(first) == 4
+
+    # As if killed after two points and in the middle of writing a third: a torn last line.
+    kept = [row for row in first if row.image == "chest-12.png"]  # chest-12 sorts first
+    (out / POINT_LOG_NAME).write_text((out / "points.csv").read_text().split("chest-8")[0])
+    assert PointLog(out / POINT_LOG_NAME).read() == kept
+    with (out / POINT_LOG_NAME).open("a") as handle:
+        handle.write("chest-8.png,8,jpeg2000,0.5,12")  # no newline: killed mid-row
+
+    result = CliRunner().invoke(app, [*arguments, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resuming: 2 points" in result.output
+    second = read_csv(out / "points.csv")
+    assert len(second) == 4
+    # the kept points are the logged ones, timings and all; the rest were measured again
+    assert [row for row in second if row.image == "chest-12.png"] == kept
+    assert {(row.image, row.target_bpp) for row in second if row.image == "chest-8.png"} == {
+        ("chest-8.png", 0.5),
+        ("chest-8.png", 1.0),
+    }
+
+
 def test_cli_bench_rejects_unknown_codecs_and_bad_rates(tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["bench", str(tmp_path), "--codecs", "jpeg2000,webp"])
@@ -153,6 +186,6 @@ def test_folders_expand_to_png_dicom_and_extensionless_files(tmp_path: Path) -> 
 def test_cli_bench_help_documents_every_option() -> None:
     result = CliRunner().invoke(app, ["bench", "--help"])
     assert result.exit_code == 0
-    for option in ("--codecs", "--bpp", "--out"):
+    for option in ("--codecs", "--bpp", "--out", "--resume"):
         assert option in result.output
     assert "0.25,0.5,1,2,4" in result.output

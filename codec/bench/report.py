@@ -12,8 +12,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from codec.bench.run import BenchRow, Skip
 __all__ = [
     "CSV_COLUMNS",
     "PLOTTED_METRICS",
+    "PointLog",
     "Summary",
     "plot_curves",
     "read_csv",
@@ -39,34 +41,73 @@ CSV_COLUMNS = tuple(field.name for field in dataclasses.fields(BenchRow))
 PLOTTED_METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "ms_ssim": "MS-SSIM"}
 
 
+def _csv_record(row: BenchRow) -> list[object]:
+    return ["" if value is None else value for value in dataclasses.astuple(row)]
+
+
 def write_csv(rows: Sequence[BenchRow], path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for row in rows:
-            writer.writerow("" if value is None else value for value in dataclasses.astuple(row))
+            writer.writerow(_csv_record(row))
+
+
+class PointLog:
+    """Points appended to a CSV file as they are measured, so an interrupted bench resumes.
+
+    Each row is flushed and fsynced on its own: a run killed mid-row leaves at most one torn
+    last line, which :meth:`read` drops.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> list[BenchRow]:
+        """The complete rows logged so far; none if there is no log."""
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text().splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines = lines[:-1]
+        return _parse_rows(lines)
+
+    def start(self, rows: Sequence[BenchRow]) -> None:
+        """Begin the log afresh with ``rows`` (those kept from an earlier run, or none)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_csv(rows, self.path)
+
+    def append(self, row: BenchRow) -> None:
+        with self.path.open("a", newline="") as handle:
+            csv.writer(handle).writerow(_csv_record(row))
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def read_csv(path: Path) -> list[BenchRow]:
     """Rows back from :func:`write_csv`, to re-render a report without re-running the bench."""
     with path.open(newline="") as handle:
-        return [
-            BenchRow(
-                image=record["image"],
-                bits_stored=int(record["bits_stored"]),
-                codec=record["codec"],
-                target_bpp=float(record["target_bpp"]),
-                parameter=float(record["parameter"]),
-                bytes=int(record["bytes"]),
-                bpp=float(record["bpp"]),
-                psnr=float(record["psnr"]),
-                ssim=float(record["ssim"]),
-                ms_ssim=float(record["ms_ssim"]) if record["ms_ssim"] else None,
-                encode_seconds=float(record["encode_seconds"]),
-                decode_seconds=float(record["decode_seconds"]),
-            )
-            for record in csv.DictReader(handle)
-        ]
+        return _parse_rows(handle)
+
+
+def _parse_rows(lines: Iterable[str]) -> list[BenchRow]:
+    return [
+        BenchRow(
+            image=record["image"],
+            bits_stored=int(record["bits_stored"]),
+            codec=record["codec"],
+            target_bpp=float(record["target_bpp"]),
+            parameter=float(record["parameter"]),
+            bytes=int(record["bytes"]),
+            bpp=float(record["bpp"]),
+            psnr=float(record["psnr"]),
+            ssim=float(record["ssim"]),
+            ms_ssim=float(record["ms_ssim"]) if record["ms_ssim"] else None,
+            encode_seconds=float(record["encode_seconds"]),
+            decode_seconds=float(record["decode_seconds"]),
+        )
+        for record in csv.DictReader(lines)
+    ]
 
 
 def _mean(values: Sequence[float | None]) -> float:

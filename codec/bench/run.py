@@ -22,7 +22,7 @@ from codec.baselines import CodecUnsupported, RateDistortionCodec, RateUnreachab
 from codec.io import GrayImage, ImageError
 from codec.metrics import bits_per_pixel, measure
 
-__all__ = ["BenchRow", "Skip", "load_images", "run_bench"]
+__all__ = ["BenchRow", "Skip", "load_images", "point_key", "run_bench"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,11 @@ def measure_point(
     )
 
 
+def point_key(row: BenchRow) -> tuple[str, str, float]:
+    """What identifies a point across runs: image, codec and target."""
+    return (row.image, row.codec, row.target_bpp)
+
+
 def run_bench(
     images: Sequence[tuple[str, GrayImage]],
     codecs: Sequence[RateDistortionCodec],
@@ -114,20 +119,29 @@ def run_bench(
     *,
     skipped: list[Skip] | None = None,
     progress: bool = False,
+    done: Sequence[BenchRow] = (),
+    on_row: Callable[[BenchRow], None] | None = None,
 ) -> list[BenchRow]:
-    """Every image through every codec at every target; skips are appended to ``skipped``."""
+    """Every image through every codec at every target; skips are appended to ``skipped``.
+
+    Points in ``done`` (from an interrupted run) are kept and not measured again; ``on_row``
+    sees each new point as soon as it is measured, so a long run can be saved as it goes.
+    """
     notes = skipped if skipped is not None else []
-    rows: list[BenchRow] = []
+    measured = {point_key(row) for row in done}
+    rows: list[BenchRow] = list(done)
+    console = Console(stderr=True)
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=console,
     )
+    start = time.perf_counter()
     with bar if progress else nullcontext():
         task = bar.add_task("bench", total=len(images) * len(codecs) * len(target_bpps))
-        for name, image in images:
+        for index, (name, image) in enumerate(images, start=1):
             for codec in codecs:
                 bar.update(task, description=f"{name} {codec.name}")
                 try:
@@ -137,9 +151,20 @@ def run_bench(
                     bar.advance(task, len(target_bpps))
                     continue
                 for target in target_bpps:
+                    if (name, codec.name, target) in measured:
+                        bar.advance(task)
+                        continue
                     try:
-                        rows.append(measure_point(name, image, codec, target))
+                        row = measure_point(name, image, codec, target)
                     except RateUnreachable as error:
                         notes.append(Skip(name, str(error), codec.name, target))
+                    else:
+                        rows.append(row)
+                        if on_row is not None:
+                            on_row(row)
                     bar.advance(task)
+            if progress and not console.is_terminal:
+                # A live bar only draws on a terminal; a log file gets one line per image.
+                elapsed = time.perf_counter() - start
+                console.print(f"bench: {index}/{len(images)} images done, {elapsed:.0f} s")
     return rows
