@@ -46,7 +46,8 @@ MAGIC = b"RDCK"
 VERSION = 2
 _ENVELOPE = struct.Struct("<4sBIIBH")  # both versions; version 2 adds a CRC-32 after it
 _CRC = struct.Struct("<I")
-RATE_KEYS = ("iterations", "bpp", "min_ssim", "min_psnr")
+# "adaptive" (block stops, with bpp) is written only when true, so older configs read the same.
+RATE_KEYS = ("iterations", "bpp", "min_ssim", "min_psnr", "adaptive")
 # zarr decodes chunks on several threads at once; the network already uses every core (or the
 # GPU), so one chunk at a time avoids oversubscription and a double first load of the weights.
 _NETWORK = threading.Lock()
@@ -91,9 +92,10 @@ class ChunkSettings:
         bpp: float | None = None,
         min_ssim: float | None = None,
         min_psnr: float | None = None,
+        adaptive: bool = False,
     ) -> ChunkSettings:
         """Validated settings; without ``weights_hash``, the installed model's."""
-        rate = RateControl(iterations=iterations, bpp=bpp, min_ssim=min_ssim, min_psnr=min_psnr)
+        rate = RateControl(iterations, bpp, min_ssim, min_psnr, adaptive=adaptive)
         return cls(model_id, weights_hash or installed_weights_hash(model_id), rate, bits_stored)
 
     @classmethod
@@ -197,6 +199,16 @@ def encode_chunks(
         block = GrayImage(np.ascontiguousarray(chunk[:height, :width]), bits)
         groups[(config.model_id, config.rate)].append((index, envelope, block))
     for (model_id, rate), members in groups.items():
+        if rate.adaptive:
+            # Each chunk searches its own block-stop threshold: no batching across chunks.
+            for index, envelope, block in members:
+                tile_size = padded_side(max(block.pixels.shape))  # the whole block is one tile
+                with _NETWORK:
+                    result = encode_image(block, rate, model_id, tile_size)
+                results[index] = EncodedChunk(
+                    envelope + result.data, result.tile_iterations[0], result.target_met
+                )
+            continue
         with _NETWORK:
             candidates = block_candidates(
                 [block for _, _, block in members],

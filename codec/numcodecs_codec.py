@@ -22,7 +22,8 @@ class RadiarcCodec(Codec):
     """Learned RNN-Conv compression of one chunk, the chunk being one codec tile.
 
     Exactly one rate setting: ``iterations``, ``bpp``, ``min_ssim`` or ``min_psnr`` (the last
-    two are floors the encoder checks on decoded pixels). ``weights_hash`` defaults to the
+    two are floors the encoder checks on decoded pixels); with ``bpp``, ``adaptive=True`` lets
+    each 16x16 block stop refining once good enough. ``weights_hash`` defaults to the
     installed model's; encoding refuses other weights, decoding follows each stream's header.
     """
 
@@ -38,6 +39,7 @@ class RadiarcCodec(Codec):
         bpp: float | None = None,
         min_ssim: float | None = None,
         min_psnr: float | None = None,
+        adaptive: bool = False,
     ) -> None:
         self.settings = ChunkSettings.create(
             model_id=model_id,
@@ -47,6 +49,7 @@ class RadiarcCodec(Codec):
             bpp=bpp,
             min_ssim=min_ssim,
             min_psnr=min_psnr,
+            adaptive=adaptive,
         )
 
     def encode(self, buf: Any) -> bytes:

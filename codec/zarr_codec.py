@@ -50,6 +50,7 @@ class RadiarcZarrCodec(ArrayBytesCodec):
         bpp: float | None = None,
         min_ssim: float | None = None,
         min_psnr: float | None = None,
+        adaptive: bool = False,
     ) -> None:
         settings = ChunkSettings.create(
             model_id=model_id,
@@ -59,6 +60,7 @@ class RadiarcZarrCodec(ArrayBytesCodec):
             bpp=bpp,
             min_ssim=min_ssim,
             min_psnr=min_psnr,
+            adaptive=adaptive,
         )
         object.__setattr__(self, "settings", settings)
 

@@ -70,6 +70,7 @@ def flag_overrides(
     bpp: float | None = None,
     min_ssim: float | None = None,
     min_psnr: float | None = None,
+    adaptive: bool = False,
     workers: int | None = None,
     gpus_per_worker: float | None = None,
     cpus_per_worker: float | None = None,
@@ -88,6 +89,10 @@ def flag_overrides(
         )
     overrides: dict[str, Any] = {}
     codec: dict[str, Any] = {}
+    if adaptive:
+        if bpp is None:
+            raise typer.BadParameter("--adaptive needs --bpp (a bit rate to spend block by block)")
+        given["adaptive"] = True
     if given:
         codec["rate"] = given
     if tile_size is not None:
@@ -193,6 +198,13 @@ def migrate(
     bpp: Annotated[
         float | None, typer.Option(help="Per tile, the largest stream not above this bpp.")
     ] = None,
+    adaptive: Annotated[
+        bool,
+        typer.Option(
+            help="With --bpp: 16x16 blocks stop refining once good enough (better quality at "
+            "0.125-0.25 bpp; 3-5 network runs per tile to encode)."
+        ),
+    ] = False,
     workers: Annotated[
         int | None, typer.Option(help="Encoder actors, each holding the model (default 2).")
     ] = None,
@@ -233,6 +245,7 @@ def migrate(
         bpp=bpp,
         min_ssim=min_ssim,
         min_psnr=min_psnr,
+        adaptive=adaptive,
         workers=workers,
         gpus_per_worker=gpus_per_worker,
         cpus_per_worker=cpus_per_worker,

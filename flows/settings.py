@@ -68,18 +68,27 @@ class RateSettings(_Section):
         lt=200,
         description="Quality floor: every tile's PSNR (dB) at least this.",
     )
+    adaptive: bool = Field(
+        default=False,
+        description="With bpp: 16x16 blocks stop refining once good enough (more quality per "
+        "bit at low rates, several network runs per tile to encode).",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RateSettings:
         chosen = [v for v in (self.iterations, self.bpp, self.min_ssim, self.min_psnr) if v]
         if len(chosen) > 1:
             raise ValueError("choose one of iterations, bpp, min_ssim, min_psnr")
+        if self.adaptive and self.bpp is None:
+            raise ValueError("adaptive (per-block) rate needs a bpp target")
         if not chosen:
             object.__setattr__(self, "iterations", 4)
         return self
 
     def control(self) -> RateControl:
-        return RateControl(self.iterations, self.bpp, self.min_ssim, self.min_psnr)
+        return RateControl(
+            self.iterations, self.bpp, self.min_ssim, self.min_psnr, adaptive=self.adaptive
+        )
 
 
 class CodecSettings(_Section):

@@ -245,7 +245,7 @@ def _description(codec: dict[str, Any], quality: dict[str, Any]) -> str:
             if key in codec
         ),
         "",
-    )
+    ) + (" adaptive" if codec.get("adaptive") else "")
     psnr = quality.get("psnr")
     parts = [
         f"Lossy compression by Radiarc learned codec {codec['model_id']} "

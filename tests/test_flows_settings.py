@@ -46,6 +46,10 @@ def test_flags_beat_environment_beats_file(
     assert flagged.ray.workers == 7
     # One rate setting: a flag's --bpp replaces the file's min_ssim instead of clashing.
     assert (flagged.codec.rate.bpp, flagged.codec.rate.min_ssim) == (0.3, None)
+    adaptive = MigrationSettings.load(config_file, flag_overrides(bpp=0.125, adaptive=True))
+    assert adaptive.codec.rate.control().describe() == "bpp<=0.125 adaptive"
+    assert adaptive.codec.archive_settings().codec_config()["adaptive"] is True
+    assert "adaptive" not in flagged.codec.archive_settings().codec_config()
 
 
 def test_config_file_from_the_environment(
@@ -66,6 +70,7 @@ def test_config_file_from_the_environment(
         {"codec": {"tile_size": 100}},  # not a multiple of 16
         {"codec": {"rate": {"min_ssim": 1.5}}},
         {"codec": {"rate": {"iterations": 2, "bpp": 0.5}}},
+        {"codec": {"rate": {"min_ssim": 0.97, "adaptive": True}}},  # block stops need a bpp
         {"ray": {"device": "tpu"}},
         {"ray": {"wokers": 2}},  # a typo is an error, not silently ignored
         {"manifest": {"flush_rows": 0}},
@@ -100,6 +105,7 @@ def test_migrate_and_demo_help() -> None:
         "--min-ssim",
         "--iterations",
         "--bpp",
+        "--adaptive",
         "--workers",
         "--gpus-per-worker",
         "--config",
@@ -117,6 +123,8 @@ def test_conflicting_or_invalid_flags_stop_before_any_work(tmp_path: Path) -> No
         app, ["migrate", "src", str(tmp_path / "a"), "--iterations", "2", "--bpp", "0.5"]
     )
     assert both.exit_code == 2 and "choose one of" in both.output
+    alone = runner.invoke(app, ["migrate", "src", str(tmp_path / "a"), "--adaptive"])
+    assert alone.exit_code == 2 and "--adaptive needs --bpp" in alone.output
     bad = runner.invoke(app, ["migrate", "src", str(tmp_path / "a"), "--workers", "0"])
     assert bad.exit_code == 2 and "invalid settings" in bad.output
     assert not (tmp_path / "a").exists()

@@ -37,7 +37,14 @@ import codec.numcodecs_codec
 import codec.zarr_codec
 from codec import bitstream
 from codec.bitstream import BitstreamError, Stream
-from codec.chunk import CODEC_ID, content_extent, decode_chunk, encode_chunk
+from codec.chunk import (
+    CODEC_ID,
+    content_extent,
+    decode_chunk,
+    encode_chunk,
+    encode_chunks,
+    parse_envelope,
+)
 from codec.io import GrayImage
 from codec.learned import decode_image, encode_image
 from codec.metrics import psnr
@@ -176,6 +183,7 @@ def test_arrays_the_codec_cannot_code_are_refused_at_creation(tmp_path: Path) ->
         {"iterations": 2, "weights_hash": "not hex at all!"},
         {"iterations": 2, "bits_stored": 20},
         {"iterations": 2, "colour": "blue"},
+        {"iterations": 2, "adaptive": True},  # block stops spend a bit rate, not iterations
     ],
 )
 def test_invalid_configs_are_refused_early(settings: dict[str, Any]) -> None:
@@ -236,6 +244,37 @@ def test_flat_trailing_rows_are_restored_exactly_wherever_they_are() -> None:
     assert content_extent(chunk) == (30, 20, 9)
     decoded = decode_chunk(encode_chunk(chunk, RadiarcCodec(iterations=1).settings))
     assert np.all(decoded[30:] == 9) and np.all(decoded[:, 20:] == 9)
+
+
+def test_adaptive_chunks_stop_blocks_and_read_back_with_plain_zarr(
+    chest_xray: GrayImage, tmp_path: Path
+) -> None:
+    """``adaptive`` in the codec config: each chunk is a format-2 stream (blocks stop refining
+    one by one) within its bpp budget, and a reader needs nothing but ``zarr.open``."""
+    pixels = chest_xray.pixels[100:356, 60:316].copy()  # lung field, mediastinum and edge
+    codec = RadiarcCodec(bpp=0.25, adaptive=True)
+    config = codec.get_config()
+    assert config["adaptive"] is True and config["bpp"] == 0.25
+    assert "adaptive" not in RadiarcCodec(bpp=0.25).get_config()  # older configs unchanged
+    chunks = [pixels[:128, :128].copy(), pixels[128:, 128:].copy()]
+    streams = [codec.encode(chunk) for chunk in chunks]
+    for chunk, data in zip(chunks, streams, strict=True):
+        _, stream = parse_envelope(data)
+        assert bitstream.read_header(stream).block_stops
+        assert len(stream) * 8 / chunk.size <= 0.25
+    batched = encode_chunks(chunks, [codec.settings] * 2)
+    assert [encoded.data for encoded in batched] == streams  # the actors' path codes the same
+
+    serializer = RadiarcZarrCodec(bpp=0.25, adaptive=True)
+    store = tmp_path / "adaptive.zarr"
+    array = zarr.create_array(
+        store, shape=pixels.shape, chunks=(128, 128), dtype=np.uint8, serializer=serializer
+    )
+    array[:] = pixels
+    read = zarr.open_array(store, mode="r")[:]
+    assert np.array_equal(read[:128, :128], decode_chunk(streams[0]))
+    assert np.array_equal(read[128:, 128:], decode_chunk(streams[1]))
+    assert psnr(pixels, read, 8) > 35
 
 
 def test_a_flat_chunk_costs_only_the_envelope() -> None:
