@@ -53,7 +53,13 @@ class Binarizer(nn.Module):
         self.project = nn.Conv2d(in_channels, bits, kernel_size=1, bias=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        soft = torch.tanh(self.project(features))
+        return self.quantise(self.soft(features))
+
+    def soft(self, features: torch.Tensor) -> torch.Tensor:
+        """The code before its sign: in (-1, 1), near 0 where the encoder is unsure."""
+        return torch.tanh(self.project(features))
+
+    def quantise(self, soft: torch.Tensor) -> torch.Tensor:
         if self.training:
             noise = torch.rand_like(soft)
             hard = torch.where(noise < (1 + soft) / 2, 1.0, -1.0)

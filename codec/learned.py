@@ -77,6 +77,7 @@ def code_blocks(
     iterations: int,
     with_ssim: bool,
     stop_threshold_db: float | None = None,
+    refine_steps: int = 0,
 ) -> list[EncodedTile]:
     """One network call over blocks that pad to one shape; each block's entropy-coded
     segments and the error each iteration leaves (what rate control chooses from).
@@ -84,6 +85,7 @@ def code_blocks(
     Blocks may differ in bit depth: each is normalised by its own peak. With
     ``stop_threshold_db`` each 16x16 block stops refining once good enough
     (:mod:`codec.block_stops`; format 2 segments), and a tile ends when all its blocks have.
+    ``refine_steps`` searches each code for a better one (:mod:`codec.refine`).
     """
     stacked = np.stack([pad_tile(_normalise(block.pixels, block.peak)) for block in blocks])
     x = torch.from_numpy(stacked[:, None]).to(model_device(loaded))
@@ -91,7 +93,7 @@ def code_blocks(
     if stop_threshold_db is not None:
         valid = _valid_pixels(blocks, stacked.shape[1:]).to(x.device)
         stop_rule = block_stop_rule(stop_threshold_db, valid)
-    codes, reconstructions = loaded.model.compress(x, iterations, stop_rule)
+    codes, reconstructions = loaded.model.compress(x, iterations, stop_rule, refine_steps)
     bits = [(code > 0).to(torch.uint8).cpu().numpy() for code in codes]
     active = [(code != 0).any(dim=1).cpu().numpy() for code in codes]
     coded = []
@@ -128,13 +130,19 @@ def _encode_tiles(
     iterations: int,
     with_ssim: bool,
     stop_threshold_db: float | None = None,
+    refine_steps: int = 0,
 ) -> list[EncodedTile]:
     blocks = [GrayImage(image.pixels[box.slices], image.bits_stored) for box in boxes]
     encoded: list[EncodedTile | None] = [None] * len(boxes)
     shapes = [(box.height, box.width) for box in boxes]
     for batch in batches_by_padded_shape(shapes, TILE_BATCH):
         coded = code_blocks(
-            [blocks[i] for i in batch], loaded, iterations, with_ssim, stop_threshold_db
+            [blocks[i] for i in batch],
+            loaded,
+            iterations,
+            with_ssim,
+            stop_threshold_db,
+            refine_steps,
         )
         for index, tile in zip(batch, coded, strict=True):
             encoded[index] = tile
@@ -223,9 +231,13 @@ def encode_candidates(
     tile_size: int = DEFAULT_TILE_SIZE,
     with_ssim: bool = False,
     stop_threshold_db: float | None = None,
+    refine_steps: int = 0,
 ) -> TileCandidates:
     """Run the network once over every tile, to ``iterations`` (default: as trained); with
-    ``stop_threshold_db``, blocks stop refining once good enough (a format 2 stream)."""
+    ``stop_threshold_db``, blocks stop refining once good enough (a format 2 stream); with
+    ``refine_steps``, each code is refined that many steps (:mod:`codec.refine`)."""
+    if refine_steps < 0:
+        raise ValueError(f"refine_steps must be 0 or more, got {refine_steps}")
     if tile_size % 16 or tile_size < 16:
         raise ValueError(f"tile size must be a positive multiple of 16, got {tile_size}")
     loaded = load_model(model_id)
@@ -245,7 +257,7 @@ def encode_candidates(
     )
     boxes = tile_boxes(height, width, tile_size)
     count = iterations or loaded.trained_iterations
-    tiles = _encode_tiles(image, boxes, loaded, count, with_ssim, stop_threshold_db)
+    tiles = _encode_tiles(image, boxes, loaded, count, with_ssim, stop_threshold_db, refine_steps)
     return TileCandidates(header, boxes, tiles, image.peak)
 
 
@@ -254,18 +266,28 @@ class AdaptiveCandidates:
     several targets on one image (the bench's case) share network runs."""
 
     def __init__(
-        self, image: GrayImage, model_id: str = DEFAULT_MODEL_ID, tile_size: int = DEFAULT_TILE_SIZE
+        self,
+        image: GrayImage,
+        model_id: str = DEFAULT_MODEL_ID,
+        tile_size: int = DEFAULT_TILE_SIZE,
+        refine_steps: int = 0,
     ) -> None:
         self.image = image
         self.model_id = model_id
         self.tile_size = tile_size
+        self.refine_steps = refine_steps
         self._coded: dict[float, TileCandidates] = {}
         self._search = ThresholdSearch(lambda threshold: self.at(threshold).full_size)
 
     def at(self, threshold_db: float) -> TileCandidates:
         if threshold_db not in self._coded:
             self._coded[threshold_db] = encode_candidates(
-                self.image, None, self.model_id, self.tile_size, stop_threshold_db=threshold_db
+                self.image,
+                None,
+                self.model_id,
+                self.tile_size,
+                stop_threshold_db=threshold_db,
+                refine_steps=self.refine_steps,
             )
         return self._coded[threshold_db]
 
@@ -290,12 +312,19 @@ def encode_image(
     rate: RateControl,
     model_id: str = DEFAULT_MODEL_ID,
     tile_size: int = DEFAULT_TILE_SIZE,
+    refine_steps: int = 0,
 ) -> EncodeResult:
-    """Compress ``image`` into a Radiarc stream under ``rate``."""
+    """Compress ``image`` into a Radiarc stream under ``rate``; ``refine_steps`` trades
+    encoding time for quality at low rates (:mod:`codec.refine`)."""
     if rate.adaptive and rate.bpp is not None:
-        return AdaptiveCandidates(image, model_id, tile_size).select(rate.bpp)
+        return AdaptiveCandidates(image, model_id, tile_size, refine_steps).select(rate.bpp)
     candidates = encode_candidates(
-        image, rate.iterations, model_id, tile_size, with_ssim=rate.min_ssim is not None
+        image,
+        rate.iterations,
+        model_id,
+        tile_size,
+        with_ssim=rate.min_ssim is not None,
+        refine_steps=refine_steps,
     )
     return candidates.select(rate)
 

@@ -2,7 +2,9 @@
 
 Its rate parameter is the iteration count; ``encode_at_bpp`` uses the codec's own rate control
 (per-tile iteration choice under a byte budget), which is how it is used in production. The
-name ``MODEL_ID+blocks`` is the same model with spatially adaptive rate (block stops, format 2).
+name ``MODEL_ID+blocks`` is the same model with spatially adaptive rate (block stops, format 2);
+``+refine`` (after the model id or ``+blocks``) refines every code at encoding
+(:mod:`codec.refine`, :data:`codec.refine.DEFAULT_STEPS` steps).
 """
 
 from __future__ import annotations
@@ -24,14 +26,22 @@ from codec.learned import (
 )
 from codec.metrics import bits_per_pixel
 from codec.rate import RateControl
+from codec.refine import DEFAULT_STEPS
 from codec.weights import installed_models, load_model
 
 ADAPTIVE_SUFFIX = "+blocks"
+REFINE_SUFFIX = "+refine"
 
 
 def learned_codec_names() -> list[str]:
-    """Every bench name of the installed models: each model id, uniform and adaptive."""
-    return [name for model in installed_models() for name in (model, model + ADAPTIVE_SUFFIX)]
+    """Every bench name of the installed models: each model id, uniform or adaptive, each
+    with and without code refinement."""
+    return [
+        model + adaptive + refine
+        for model in installed_models()
+        for adaptive in ("", ADAPTIVE_SUFFIX)
+        for refine in ("", REFINE_SUFFIX)
+    ]
 
 
 class LearnedCodec(RateDistortionCodec):
@@ -41,13 +51,19 @@ class LearnedCodec(RateDistortionCodec):
     integer_parameter: ClassVar[bool] = True
 
     def __init__(
-        self, model_id: str, tile_size: int = DEFAULT_TILE_SIZE, adaptive: bool = False
+        self,
+        model_id: str,
+        tile_size: int = DEFAULT_TILE_SIZE,
+        adaptive: bool = False,
+        refine_steps: int = 0,
     ) -> None:
         self.model_id = model_id
         self.tile_size = tile_size
         self.adaptive = adaptive
-        # Instances carry their model id (and mode) as name.
-        self.name = model_id + (ADAPTIVE_SUFFIX if adaptive else "")  # type: ignore[misc]
+        self.refine_steps = refine_steps
+        # Instances carry their model id (and modes) as name.
+        suffixes = (ADAPTIVE_SUFFIX if adaptive else "") + (REFINE_SUFFIX if refine_steps else "")
+        self.name = model_id + suffixes  # type: ignore[misc]
         # The bench asks for several rates of one image in a row: run the network once (per
         # threshold, in the adaptive mode).
         self._last: tuple[GrayImage, TileCandidates] | None = None
@@ -55,23 +71,34 @@ class LearnedCodec(RateDistortionCodec):
 
     @classmethod
     def named(cls, name: str) -> LearnedCodec:
-        """``MODEL_ID`` or ``MODEL_ID+blocks``."""
+        """``MODEL_ID``, optionally followed by ``+blocks``, then by ``+refine``."""
+        refine = name.endswith(REFINE_SUFFIX)
+        name = name.removesuffix(REFINE_SUFFIX)
         adaptive = name.endswith(ADAPTIVE_SUFFIX)
-        return cls(name.removesuffix(ADAPTIVE_SUFFIX), adaptive=adaptive)
+        return cls(
+            name.removesuffix(ADAPTIVE_SUFFIX),
+            adaptive=adaptive,
+            refine_steps=DEFAULT_STEPS if refine else 0,
+        )
 
     def _candidates(self, image: GrayImage) -> TileCandidates:
         if self._last is None or self._last[0] is not image:
-            self._last = (image, encode_candidates(image, None, self.model_id, self.tile_size))
+            candidates = encode_candidates(
+                image, None, self.model_id, self.tile_size, refine_steps=self.refine_steps
+            )
+            self._last = (image, candidates)
         return self._last[1]
 
     def _adaptive(self, image: GrayImage) -> AdaptiveCandidates:
         if self._last_adaptive is None or self._last_adaptive.image is not image:
-            self._last_adaptive = AdaptiveCandidates(image, self.model_id, self.tile_size)
+            self._last_adaptive = AdaptiveCandidates(
+                image, self.model_id, self.tile_size, self.refine_steps
+            )
         return self._last_adaptive
 
     def encode(self, image: GrayImage, parameter: float) -> bytes:
         rate = RateControl(iterations=int(parameter))
-        return encode_image(image, rate, self.model_id, self.tile_size).data
+        return encode_image(image, rate, self.model_id, self.tile_size, self.refine_steps).data
 
     def decode(self, data: bytes, shape: tuple[int, int], bits_stored: int) -> np.ndarray:
         decoded = decode_image(data)

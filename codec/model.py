@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codec.layers import Binarizer, ConvGRUCell
+from codec.refine import REFINED_ITERATIONS, refine_code
 
 DOWNSAMPLING = 16  # pixels per code position along each axis
 
@@ -83,13 +84,20 @@ class Encoder(nn.Module):
     def forward(
         self, residual: torch.Tensor, state: list[torch.Tensor | None]
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        soft, state = self.soft_code(residual, state)
+        return self.binarizer.quantise(soft), state
+
+    def soft_code(
+        self, residual: torch.Tensor, state: list[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The code before the binarizer's sign, and the new state."""
         h1 = self.rnn1(self.stem(residual), state[0])
         h2 = self.rnn2(h1, state[1])
         h3 = self.rnn3(h2, state[2])
         features = (
             torch.cat([F.avg_pool2d(h1, 4), F.avg_pool2d(h2, 2), h3], dim=1) if self.pooling else h3
         )
-        return self.binarizer(features), [h1, h2, h3]
+        return self.binarizer.soft(features), [h1, h2, h3]
 
 
 class Decoder(nn.Module):
@@ -145,11 +153,18 @@ class RNNConvCodec(nn.Module):
 
     @torch.no_grad()
     def compress(
-        self, x: torch.Tensor, iterations: int, stop_rule: StopRule | None = None
+        self,
+        x: torch.Tensor,
+        iterations: int,
+        stop_rule: StopRule | None = None,
+        refine_steps: int = 0,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Codes (each ``(N, bits, H/16, W/16)`` of +-1, or 0 in blocks ``stop_rule`` has
-        stopped) and the reconstruction after each."""
-        return self._encode(x, iterations, stop_rule)
+        stopped) and the reconstruction after each. With ``refine_steps``, each of the first
+        iterations' codes is then searched for one the decoder turns into a closer update
+        (:func:`codec.refine.refine_code`); the decoder, and so the stream format, is the same.
+        """
+        return self._encode(x, iterations, stop_rule, refine_steps)
 
     @torch.no_grad()
     def decompress(self, codes: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -166,7 +181,11 @@ class RNNConvCodec(nn.Module):
         return reconstructions  # type: ignore[return-value]
 
     def _encode(
-        self, x: torch.Tensor, iterations: int, stop_rule: StopRule | None = None
+        self,
+        x: torch.Tensor,
+        iterations: int,
+        stop_rule: StopRule | None = None,
+        refine_steps: int = 0,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         self._check_iterations(iterations)
         if x.shape[-1] % DOWNSAMPLING or x.shape[-2] % DOWNSAMPLING:
@@ -178,9 +197,15 @@ class RNNConvCodec(nn.Module):
         refining: torch.Tensor | None = None  # blocks still coded; None: all of them
         for iteration in range(iterations):
             gain = self.log_gains[iteration].exp()
-            code, encoder_state = self.encoder((x - reconstruction) * gain, encoder_state)
+            target = (x - reconstruction) * gain
+            soft, encoder_state = self.encoder.soft_code(target, encoder_state)
+            code = self.encoder.binarizer.quantise(soft)
             if refining is not None:
                 code = code * refining
+            if refine_steps and iteration < REFINED_ITERATIONS:
+                code = refine_code(
+                    self.decoder, decoder_state, soft, target, refining, refine_steps
+                )
             output, decoder_state = self.decoder(code, decoder_state)
             update = output * _block_update_mask(code) if refining is not None else output
             reconstruction = reconstruction + update / gain
