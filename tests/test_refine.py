@@ -114,3 +114,15 @@ def test_cli_encode_refines_on_request(tmp_path: Path, crop: GrayImage) -> None:
     assert psnr(read_png(source).pixels, read_png(back).pixels, 8) > 30
     refused = runner.invoke(app, [*arguments, "--refine-steps", "-1"])
     assert refused.exit_code == 2 and "refine-steps" in refused.output
+
+
+def test_learned_eval_reports_refined_beside_plain(tmp_path: Path, crop: GrayImage) -> None:
+    from codec.bench.learned_eval import evaluate
+
+    path = tmp_path / "crop.png"
+    write_png(path, GrayImage(np.ascontiguousarray(crop.pixels[:256, :256]), 8))
+    plain = evaluate(DEFAULT_MODEL_ID, [path], 2)
+    refined = evaluate(DEFAULT_MODEL_ID, [path], 2, refine_steps=STEPS)
+    assert [row["iterations"] for row in refined] == [1, 2]
+    assert refined[0]["psnr"] > plain[0]["psnr"]
+    assert refined[0]["bpp"] < refined[1]["bpp"] < refined[1]["raw_bpp"]

@@ -1,12 +1,13 @@
 """Per-iteration evaluation of learned models: entropy-coding saving and quality; Markdown out.
 
-    python -m codec.bench.learned_eval IMAGES... [--models a,b] [--iterations 6]
+    python -m codec.bench.learned_eval IMAGES... [--models a,b] [--iterations 6] [--refine-steps 8]
 
 For each model and iteration count k (every tile keeps k iterations): the raw binarizer rate
 (``bits * k / 256`` bpp), the real stream rate after context-model entropy coding (container
 included), the saving, and mean PSNR / SSIM / MS-SSIM of the decoded pixels. Running two models
 on the same images compares them at equal iterations, e.g. multi-level pooling against the
-Toderici-style encoder.
+Toderici-style encoder; ``--refine-steps`` adds each model with its codes refined
+(:mod:`codec.refine`) beside it.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from codec.rate import RateControl
 from codec.weights import installed_models, load_model
 
 
-def evaluate(model_id: str, images: list[Path], iterations: int) -> list[dict[str, float]]:
+def evaluate(
+    model_id: str, images: list[Path], iterations: int, refine_steps: int = 0
+) -> list[dict[str, float]]:
     bits = load_model(model_id).model.config.bits
     per_k: dict[int, list[dict[str, float]]] = {k: [] for k in range(1, iterations + 1)}
     for path in images:
         image = read_png(path)
-        full = encode_candidates(image, iterations, model_id).select(
-            RateControl(iterations=iterations)
-        )
+        candidates = encode_candidates(image, iterations, model_id, refine_steps=refine_steps)
+        full = candidates.select(RateControl(iterations=iterations))
         for k in range(1, iterations + 1):
             data = bitstream.keep_iterations(full.data, k)
             quality = measure(image.pixels, decode_image(data).pixels, image.bits_stored)
@@ -64,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("images", nargs="+", type=Path, help="PNG files or folders of PNGs")
     parser.add_argument("--models", default=",".join(installed_models()))
     parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument(
+        "--refine-steps", type=int, default=0, help="also run each model with refined codes"
+    )
     args = parser.parse_args(argv)
     paths = []
     for path in args.images:
@@ -71,10 +76,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(paths)} images\n")
     print("| model | iterations | raw bpp | coded bpp | saving | PSNR dB | SSIM | MS-SSIM |")
     print("|---|---|---|---|---|---|---|---|")
-    for model_id in args.models.split(","):
-        for row in evaluate(model_id, paths, args.iterations):
+    runs = [(model_id, 0) for model_id in args.models.split(",")]
+    if args.refine_steps:
+        runs += [(model_id, args.refine_steps) for model_id, _ in runs]
+    for model_id, steps in runs:
+        label = f"{model_id} refined {steps} steps" if steps else model_id
+        for row in evaluate(model_id, paths, args.iterations, steps):
             print(
-                f"| {model_id} | {row['iterations']:.0f} | {row['raw_bpp']:.4f} "
+                f"| {label} | {row['iterations']:.0f} | {row['raw_bpp']:.4f} "
                 f"| {row['bpp']:.4f} | {row['saving']:.1%} | {row['psnr']:.2f} "
                 f"| {row['ssim']:.4f} | {row['ms_ssim']:.4f} |",
                 flush=True,
