@@ -32,8 +32,10 @@ def block_candidates(
     *,
     with_ssim: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    refine_steps: int = 0,
 ) -> list[TileCandidates]:
-    """Each block coded as a one-tile image to ``iterations`` (default: as trained)."""
+    """Each block coded as a one-tile image to ``iterations`` (default: as trained), its
+    codes refined ``refine_steps`` steps (:mod:`codec.refine`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     loaded = load_model(model_id)
@@ -44,7 +46,9 @@ def block_candidates(
     results: list[TileCandidates | None] = [None] * len(blocks)
     shapes = [block.pixels.shape for block in blocks]
     for indices in batches_by_padded_shape(shapes, batch_size):
-        tiles = code_blocks([blocks[i] for i in indices], loaded, count, with_ssim)
+        tiles = code_blocks(
+            [blocks[i] for i in indices], loaded, count, with_ssim, refine_steps=refine_steps
+        )
         for index, tile in zip(indices, tiles, strict=True):
             block = blocks[index]
             height, width = block.pixels.shape

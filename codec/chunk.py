@@ -48,6 +48,7 @@ _ENVELOPE = struct.Struct("<4sBIIBH")  # both versions; version 2 adds a CRC-32 
 _CRC = struct.Struct("<I")
 # "adaptive" (block stops, with bpp) is written only when true, so older configs read the same.
 RATE_KEYS = ("iterations", "bpp", "min_ssim", "min_psnr", "adaptive")
+MAX_REFINE_STEPS = 64
 # zarr decodes chunks on several threads at once; the network already uses every core (or the
 # GPU), so one chunk at a time avoids oversubscription and a double first load of the weights.
 _NETWORK = threading.Lock()
@@ -74,12 +75,16 @@ class ChunkSettings:
     weights_hash: str
     rate: RateControl
     bits_stored: int | None = None
+    #: Encoder effort (codec/refine.py): decoding and the stream format do not depend on it.
+    refine_steps: int = 0
 
     def __post_init__(self) -> None:
         if len(self.weights_hash) != 2 * HASH_BYTES or not _is_hex(self.weights_hash):
             raise ValueError(f"weights_hash must be {2 * HASH_BYTES} hex digits")
         if self.bits_stored is not None and not 8 <= self.bits_stored <= 16:
             raise ValueError(f"bits_stored must be in 8..16, got {self.bits_stored}")
+        if not 0 <= self.refine_steps <= MAX_REFINE_STEPS:
+            raise ValueError(f"refine_steps must be in 0..{MAX_REFINE_STEPS}")
 
     @classmethod
     def create(
@@ -93,14 +98,17 @@ class ChunkSettings:
         min_ssim: float | None = None,
         min_psnr: float | None = None,
         adaptive: bool = False,
+        refine_steps: int = 0,
     ) -> ChunkSettings:
         """Validated settings; without ``weights_hash``, the installed model's."""
         rate = RateControl(iterations, bpp, min_ssim, min_psnr, adaptive=adaptive)
-        return cls(model_id, weights_hash or installed_weights_hash(model_id), rate, bits_stored)
+        weights_hash = weights_hash or installed_weights_hash(model_id)
+        return cls(model_id, weights_hash, rate, bits_stored, refine_steps)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ChunkSettings:
-        unknown = set(config) - {"model_id", "weights_hash", "bits_stored", *RATE_KEYS}
+        known = {"model_id", "weights_hash", "bits_stored", "refine_steps", *RATE_KEYS}
+        unknown = set(config) - known
         if unknown:
             raise ValueError(f"unknown {CODEC_ID} settings: {sorted(unknown)}")
         return cls.create(**config)
@@ -113,6 +121,8 @@ class ChunkSettings:
             "bits_stored": self.bits_stored,
         }
         config.update({k: getattr(self.rate, k) for k in RATE_KEYS if getattr(self.rate, k)})
+        if self.refine_steps:  # written only when used, so older configs read the same
+            config["refine_steps"] = self.refine_steps
         return config
 
 
@@ -160,7 +170,9 @@ def encode_chunk(array: np.ndarray, settings: ChunkSettings) -> bytes:
     block = GrayImage(np.ascontiguousarray(chunk[:height, :width]), bits)
     tile_size = padded_side(max(height, width))  # the whole block is one tile
     with _NETWORK:
-        result = encode_image(block, settings.rate, settings.model_id, tile_size)
+        result = encode_image(
+            block, settings.rate, settings.model_id, tile_size, settings.refine_steps
+        )
     return envelope + result.data
 
 
@@ -185,7 +197,7 @@ def encode_chunks(
     if len(chunks) != len(settings):
         raise ValueError(f"{len(chunks)} chunks but {len(settings)} settings")
     results: list[EncodedChunk | None] = [None] * len(chunks)
-    groups: dict[tuple[str, RateControl], list[tuple[int, bytes, GrayImage]]]
+    groups: dict[tuple[str, RateControl, int], list[tuple[int, bytes, GrayImage]]]
     groups = defaultdict(list)
     for index, (original, config) in enumerate(zip(chunks, settings, strict=True)):
         chunk = as_chunk(np.asarray(original))
@@ -197,14 +209,14 @@ def encode_chunks(
             continue
         bits = config.bits_stored or 8 * chunk.dtype.itemsize
         block = GrayImage(np.ascontiguousarray(chunk[:height, :width]), bits)
-        groups[(config.model_id, config.rate)].append((index, envelope, block))
-    for (model_id, rate), members in groups.items():
+        groups[(config.model_id, config.rate, config.refine_steps)].append((index, envelope, block))
+    for (model_id, rate, refine_steps), members in groups.items():
         if rate.adaptive:
             # Each chunk searches its own block-stop threshold: no batching across chunks.
             for index, envelope, block in members:
                 tile_size = padded_side(max(block.pixels.shape))  # the whole block is one tile
                 with _NETWORK:
-                    result = encode_image(block, rate, model_id, tile_size)
+                    result = encode_image(block, rate, model_id, tile_size, refine_steps)
                 results[index] = EncodedChunk(
                     envelope + result.data, result.tile_iterations[0], result.target_met
                 )
@@ -216,6 +228,7 @@ def encode_chunks(
                 model_id,
                 with_ssim=rate.min_ssim is not None,
                 batch_size=batch_size,
+                refine_steps=refine_steps,
             )
         for (index, envelope, _), candidate in zip(members, candidates, strict=True):
             result = candidate.select(rate)

@@ -23,7 +23,8 @@ class RadiarcCodec(Codec):
 
     Exactly one rate setting: ``iterations``, ``bpp``, ``min_ssim`` or ``min_psnr`` (the last
     two are floors the encoder checks on decoded pixels); with ``bpp``, ``adaptive=True`` lets
-    each 16x16 block stop refining once good enough. ``weights_hash`` defaults to the
+    each 16x16 block stop refining once good enough. ``refine_steps`` spends more encoding time
+    for better codes (codec/refine.py); readers need nothing. ``weights_hash`` defaults to the
     installed model's; encoding refuses other weights, decoding follows each stream's header.
     """
 
@@ -40,6 +41,7 @@ class RadiarcCodec(Codec):
         min_ssim: float | None = None,
         min_psnr: float | None = None,
         adaptive: bool = False,
+        refine_steps: int = 0,
     ) -> None:
         self.settings = ChunkSettings.create(
             model_id=model_id,
@@ -50,6 +52,7 @@ class RadiarcCodec(Codec):
             min_ssim=min_ssim,
             min_psnr=min_psnr,
             adaptive=adaptive,
+            refine_steps=refine_steps,
         )
 
     def encode(self, buf: Any) -> bytes:

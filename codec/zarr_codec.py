@@ -51,6 +51,7 @@ class RadiarcZarrCodec(ArrayBytesCodec):
         min_ssim: float | None = None,
         min_psnr: float | None = None,
         adaptive: bool = False,
+        refine_steps: int = 0,
     ) -> None:
         settings = ChunkSettings.create(
             model_id=model_id,
@@ -61,6 +62,7 @@ class RadiarcZarrCodec(ArrayBytesCodec):
             min_ssim=min_ssim,
             min_psnr=min_psnr,
             adaptive=adaptive,
+            refine_steps=refine_steps,
         )
         object.__setattr__(self, "settings", settings)
 

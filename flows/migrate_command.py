@@ -76,6 +76,7 @@ def flag_overrides(
     cpus_per_worker: float | None = None,
     batch_images: int | None = None,
     tile_size: int | None = None,
+    refine_steps: int | None = None,
     run_id: str | None = None,
     options: dict[str, Any] | None = None,
     report: bool = True,
@@ -97,6 +98,8 @@ def flag_overrides(
         codec["rate"] = given
     if tile_size is not None:
         codec["tile_size"] = tile_size
+    if refine_steps is not None:
+        codec["refine_steps"] = refine_steps
     if codec:
         overrides["codec"] = codec
     ray = {
@@ -220,6 +223,13 @@ def migrate(
     tile_size: Annotated[
         int | None, typer.Option(help="Codec tile = zarr chunk side, multiple of 16 (default 512).")
     ] = None,
+    refine_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Search each code this many steps for a better one (8: up to ~1 dB at low "
+            "rates, several times the encoding work; default 0)."
+        ),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(help="Settings file (YAML, TOML or JSON); flags and RADIARC_* env win."),
@@ -251,6 +261,7 @@ def migrate(
         cpus_per_worker=cpus_per_worker,
         batch_images=batch_images,
         tile_size=tile_size,
+        refine_steps=refine_steps,
         run_id=run_id,
         options=storage_options(endpoint_url, storage_option),
         report=report,

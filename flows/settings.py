@@ -112,6 +112,13 @@ class CodecSettings(_Section):
     rate: RateSettings = Field(
         default_factory=lambda: RateSettings(), description="Rate or quality."
     )
+    refine_steps: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Search each code this many steps for a better one (8: up to ~1 dB at "
+        "low rates, several times the encoding work); readers need nothing.",
+    )
 
     def archive_settings(self) -> ArchiveSettings:
         return ArchiveSettings(
@@ -120,6 +127,7 @@ class CodecSettings(_Section):
             tile_size=self.tile_size,
             shard_tiles=self.shard_tiles,
             lenient_uids=self.lenient_uids,
+            refine_steps=self.refine_steps,
         )
 
 

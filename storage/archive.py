@@ -79,6 +79,7 @@ class ArchiveSettings:
     tile_size: int = 512
     shard_tiles: int | None = None
     lenient_uids: bool = False
+    refine_steps: int = 0  # encoder effort (codec/refine.py); readers need nothing
 
     def __post_init__(self) -> None:
         if not 16 <= self.tile_size <= bitstream.MAX_SIDE:
@@ -88,7 +89,12 @@ class ArchiveSettings:
 
     def serializer(self, bits_stored: int) -> RadiarcZarrCodec:
         rate = {key: getattr(self.rate, key) for key in RATE_KEYS if getattr(self.rate, key)}
-        return RadiarcZarrCodec(model_id=self.model_id, bits_stored=bits_stored, **rate)
+        return RadiarcZarrCodec(
+            model_id=self.model_id,
+            bits_stored=bits_stored,
+            refine_steps=self.refine_steps,
+            **rate,
+        )
 
     def codec_config(self) -> dict[str, Any]:
         """Everything that decides the stored bytes except the image: plain JSON."""
@@ -102,6 +108,8 @@ class ArchiveSettings:
         config.update(
             {key: getattr(self.rate, key) for key in RATE_KEYS if getattr(self.rate, key)}
         )
+        if self.refine_steps:  # only when used: the codec keys of older archives stay the same
+            config["refine_steps"] = self.refine_steps
         return config
 
     def codec_key(self) -> str:

@@ -50,6 +50,9 @@ def test_flags_beat_environment_beats_file(
     assert adaptive.codec.rate.control().describe() == "bpp<=0.125 adaptive"
     assert adaptive.codec.archive_settings().codec_config()["adaptive"] is True
     assert "adaptive" not in flagged.codec.archive_settings().codec_config()
+    refined = MigrationSettings.load(config_file, flag_overrides(refine_steps=8))
+    assert refined.codec.archive_settings().codec_config()["refine_steps"] == 8
+    assert "refine_steps" not in flagged.codec.archive_settings().codec_config()
 
 
 def test_config_file_from_the_environment(
@@ -106,6 +109,7 @@ def test_migrate_and_demo_help() -> None:
         "--iterations",
         "--bpp",
         "--adaptive",
+        "--refine-steps",
         "--workers",
         "--gpus-per-worker",
         "--config",

@@ -184,6 +184,8 @@ def test_arrays_the_codec_cannot_code_are_refused_at_creation(tmp_path: Path) ->
         {"iterations": 2, "bits_stored": 20},
         {"iterations": 2, "colour": "blue"},
         {"iterations": 2, "adaptive": True},  # block stops spend a bit rate, not iterations
+        {"iterations": 2, "refine_steps": -1},
+        {"iterations": 2, "refine_steps": 1000},
     ],
 )
 def test_invalid_configs_are_refused_early(settings: dict[str, Any]) -> None:
@@ -275,6 +277,21 @@ def test_adaptive_chunks_stop_blocks_and_read_back_with_plain_zarr(
     assert np.array_equal(read[:128, :128], decode_chunk(streams[0]))
     assert np.array_equal(read[128:, 128:], decode_chunk(streams[1]))
     assert psnr(pixels, read, 8) > 35
+
+
+def test_refined_chunks_are_better_and_need_nothing_to_read(chest_xray: GrayImage) -> None:
+    chunk = chest_xray.pixels[100:228, 60:188].copy()
+    plain, refined = RadiarcCodec(iterations=1), RadiarcCodec(iterations=1, refine_steps=8)
+    assert refined.get_config()["refine_steps"] == 8 and "refine_steps" not in plain.get_config()
+    assert RadiarcCodec.from_config(refined.get_config()) == refined
+    plain_psnr, refined_psnr = (
+        psnr(chunk, codec.decode(codec.encode(chunk)), 8) for codec in (plain, refined)
+    )
+    assert refined_psnr > plain_psnr
+    # any reader, whatever its own settings, decodes a refined chunk
+    assert np.array_equal(
+        plain.decode(refined.encode(chunk)), refined.decode(refined.encode(chunk))
+    )
 
 
 def test_a_flat_chunk_costs_only_the_envelope() -> None:
