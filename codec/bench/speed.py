@@ -56,11 +56,16 @@ def seam_ratio(original: np.ndarray, decoded: np.ndarray, tile: int, band: int =
 
 
 def measure(
-    image: GrayImage, bpp: float, model_id: str, tile: int, adaptive: bool = False
+    image: GrayImage,
+    bpp: float,
+    model_id: str,
+    tile: int,
+    adaptive: bool = False,
+    refine_steps: int = 0,
 ) -> SpeedPoint:
     started = time.perf_counter()
     rate = RateControl(bpp=bpp, adaptive=adaptive)
-    result = encode_image(image, rate, model_id=model_id, tile_size=tile)
+    result = encode_image(image, rate, model_id, tile, refine_steps)
     encoded = time.perf_counter()
     decoded = decode_image(result.data)
     finished = time.perf_counter()
@@ -82,16 +87,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--adaptive", action="store_true", help="block stops (several network runs per encode)"
     )
+    parser.add_argument("--refine-steps", type=int, default=0, help="encoder code refinement")
     args = parser.parse_args(argv)
     load_model(args.model)  # load once, so the first image does not pay for it
     points = []
     for path in args.images:
-        point = measure(read_png(path), args.bpp, args.model, args.tile, args.adaptive)
+        image = read_png(path)
+        point = measure(image, args.bpp, args.model, args.tile, args.adaptive, args.refine_steps)
         points.append(point)
         print(f"{path.name}: {point}", flush=True)
     mp = sum(p.megapixels for p in points)
     print(
-        f"\n{args.model}{' with block stops' if args.adaptive else ''}, tile {args.tile}, "
+        f"\n{args.model}{' with block stops' if args.adaptive else ''}"
+        f"{f', codes refined {args.refine_steps} steps' if args.refine_steps else ''}, "
+        f"tile {args.tile}, "
         f"target {args.bpp} bpp, "
         f"{torch.get_num_threads()} threads, {len(points)} images\n"
     )
