@@ -10,8 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from codec.baselines import JPEG, JPEG2000, JPEGLS
-from codec.bench import Skip, bd_rate, ms_ssim_db, run_bench, write_report
-from codec.bench.report import CSV_COLUMNS, PointLog, read_csv
+from codec.bench import BenchRow, Skip, bd_rate, ms_ssim_db, run_bench, write_csv, write_report
+from codec.bench.report import CSV_COLUMNS, PointLog, merge_runs, read_csv
+from codec.bench.report import main as report_main
 from codec.io import GrayImage, write_png
 from flows.cli import POINT_LOG_NAME, app, expand_image_paths
 
@@ -189,3 +190,33 @@ def test_cli_bench_help_documents_every_option() -> None:
     for option in ("--codecs", "--bpp", "--out", "--resume"):
         assert option in result.output
     assert "0.25,0.5,1,2,4" in result.output
+
+
+def test_merged_runs_compare_codecs_on_the_images_every_run_measured(tmp_path: Path) -> None:
+    def row(image: str, codec: str, bpp: float, psnr: float) -> BenchRow:
+        return BenchRow(image, 8, codec, bpp, 1.0, int(bpp * 8192), bpp, psnr, 0.9, 0.99, 1, 1)
+
+    full = [
+        row(image, codec, bpp, 40 + bpp)
+        for image in ("a.png", "b.png", "c.png")
+        for codec in ("jpeg2000", "learned")
+        for bpp in (0.25, 0.5, 1.0)
+    ]
+    subset = [
+        row(image, codec, bpp, 30 + bpp)
+        for image in ("b.png", "c.png")
+        for codec in ("jpeg2000", "learned+refine")
+        for bpp in (0.25, 0.5, 1.0)
+    ]
+    merged = merge_runs([full, subset])
+    assert {r.image for r in merged} == {"b.png", "c.png"}
+    assert {r.codec for r in merged} == {"jpeg2000", "learned", "learned+refine"}
+    assert all(r.psnr > 40 for r in merged if r.codec == "jpeg2000")  # the first run's rows
+    assert len(merged) == 2 * 3 * 3
+
+    write_csv(full, tmp_path / "full.csv")
+    write_csv(subset, tmp_path / "subset.csv")
+    out = tmp_path / "merged"
+    report_main([str(tmp_path / "full.csv"), str(tmp_path / "subset.csv"), "--out", str(out)])
+    assert read_csv(out / "points.csv") == merged
+    assert "| learned+refine | 0.25 | 2 |" in (out / "summary.md").read_text()
