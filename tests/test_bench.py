@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from codec.baselines import JPEG, JPEG2000, JPEGLS
 from codec.bench import BenchRow, Skip, bd_rate, ms_ssim_db, run_bench, write_csv, write_report
+from codec.bench.merge import main as merge_main
 from codec.bench.report import CSV_COLUMNS, PointLog, merge_runs, read_csv
-from codec.bench.report import main as report_main
 from codec.io import GrayImage, write_png
 from flows.cli import POINT_LOG_NAME, app, expand_image_paths
 
@@ -217,6 +217,6 @@ def test_merged_runs_compare_codecs_on_the_images_every_run_measured(tmp_path: P
     write_csv(full, tmp_path / "full.csv")
     write_csv(subset, tmp_path / "subset.csv")
     out = tmp_path / "merged"
-    report_main([str(tmp_path / "full.csv"), str(tmp_path / "subset.csv"), "--out", str(out)])
+    merge_main([str(tmp_path / "full.csv"), str(tmp_path / "subset.csv"), "--out", str(out)])
     assert read_csv(out / "points.csv") == merged
     assert "| learned+refine | 0.25 | 2 |" in (out / "summary.md").read_text()

@@ -30,6 +30,7 @@ __all__ = [
     "PointLog",
     "Summary",
     "plot_curves",
+    "merge_runs",
     "read_csv",
     "summarize",
     "summary_markdown",
@@ -276,25 +277,3 @@ def merge_runs(runs: Sequence[Sequence[BenchRow]]) -> list[BenchRow]:
         merged += [row for row in kept if (row.codec, row.target_bpp) in fresh]
         seen |= fresh
     return merged
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m codec.bench.report POINTS.csv... --out DIR``: one report from several runs."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description="Merge the points.csv of several radiarc bench runs (on their common "
-        "images) into one report: points.csv, summary.md and plots."
-    )
-    parser.add_argument("points", nargs="+", type=Path, help="points.csv files of bench runs")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the merged report")
-    parser.add_argument("--reference", default="jpeg2000", help="codec BD-rates are against")
-    args = parser.parse_args(argv)
-    rows = merge_runs([read_csv(path) for path in args.points])
-    if not rows:
-        parser.error("the runs have no image in common")
-    print(write_report(rows, [], args.out, args.reference))
-
-
-if __name__ == "__main__":
-    main()
