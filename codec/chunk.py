@@ -38,6 +38,7 @@ from codec.bitstream import HASH_BYTES, BitstreamError
 from codec.io import GrayImage
 from codec.learned import decode_image, encode_image
 from codec.rate import RateControl
+from codec.refine import MAX_STEPS
 from codec.tiling import padded_side
 from codec.weights import DEFAULT_MODEL_ID, UnknownModelError, installed_models, registry
 
@@ -48,7 +49,6 @@ _ENVELOPE = struct.Struct("<4sBIIBH")  # both versions; version 2 adds a CRC-32 
 _CRC = struct.Struct("<I")
 # "adaptive" (block stops, with bpp) is written only when true, so older configs read the same.
 RATE_KEYS = ("iterations", "bpp", "min_ssim", "min_psnr", "adaptive")
-MAX_REFINE_STEPS = 64
 # zarr decodes chunks on several threads at once; the network already uses every core (or the
 # GPU), so one chunk at a time avoids oversubscription and a double first load of the weights.
 _NETWORK = threading.Lock()
@@ -83,8 +83,8 @@ class ChunkSettings:
             raise ValueError(f"weights_hash must be {2 * HASH_BYTES} hex digits")
         if self.bits_stored is not None and not 8 <= self.bits_stored <= 16:
             raise ValueError(f"bits_stored must be in 8..16, got {self.bits_stored}")
-        if not 0 <= self.refine_steps <= MAX_REFINE_STEPS:
-            raise ValueError(f"refine_steps must be in 0..{MAX_REFINE_STEPS}")
+        if not 0 <= self.refine_steps <= MAX_STEPS:
+            raise ValueError(f"refine_steps must be in 0..{MAX_STEPS}")
 
     @classmethod
     def create(

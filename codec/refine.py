@@ -24,9 +24,11 @@ import torch.nn.functional as F
 #: Adam's step on the relaxed code (codes live in [-1, 1]): large enough that unsure bits
 #: can change sign within a few steps.
 LEARNING_RATE = 0.1
-#: Steps per iteration where a caller asks for refinement without a count: about 8 times the
+#: Steps per iteration where a caller asks for refinement without a count: about 5 times the
 #: encoding work, most of the gain of 16 steps (docs/codec.md).
 DEFAULT_STEPS = 8
+#: The most steps a stored setting may ask for (codec configs, migration settings).
+MAX_STEPS = 64
 #: Only the first iterations are refined. On v4 the gain is +1.3 dB after one iteration and
 #: +0.6 after three, but the unrefined later iterations catch up (a code refined at iteration
 #: 3 leaves no gain by iteration 6, and refining all ten leaves +0.03 dB), while each refined

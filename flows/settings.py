@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from codec.rate import RateControl
+from codec.refine import MAX_STEPS
 from codec.weights import DEFAULT_MODEL_ID
 from storage.archive import ArchiveSettings
 from storage.credentials import credential_paths, masked
@@ -115,7 +116,7 @@ class CodecSettings(_Section):
     refine_steps: int = Field(
         default=0,
         ge=0,
-        le=64,
+        le=MAX_STEPS,
         description="Search each code this many steps for a better one (8: up to ~1 dB at "
         "low rates, several times the encoding work); readers need nothing.",
     )
