@@ -8,6 +8,7 @@ decode only the tiles a region touches.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -263,7 +264,11 @@ def encode_candidates(
 
 class AdaptiveCandidates:
     """One image coded with block stops at the thresholds a bpp target needs, cached so that
-    several targets on one image (the bench's case) share network runs."""
+    several targets on one image (the bench's case) share network runs.
+
+    Each target runs its own threshold search, so it picks among exactly the thresholds a
+    single ``radiarc encode --bpp X --adaptive`` would try, and :meth:`network_seconds` says
+    what coding those thresholds took: the encode time of that one command, cache or not."""
 
     def __init__(
         self,
@@ -277,10 +282,12 @@ class AdaptiveCandidates:
         self.tile_size = tile_size
         self.refine_steps = refine_steps
         self._coded: dict[float, TileCandidates] = {}
-        self._search = ThresholdSearch(lambda threshold: self.at(threshold).full_size)
+        self._seconds: dict[float, float] = {}  # network and entropy coding, per threshold
+        self._searched: dict[float, list[float]] = {}  # bpp -> thresholds its search tried
 
     def at(self, threshold_db: float) -> TileCandidates:
         if threshold_db not in self._coded:
+            started = time.perf_counter()
             self._coded[threshold_db] = encode_candidates(
                 self.image,
                 None,
@@ -289,6 +296,7 @@ class AdaptiveCandidates:
                 stop_threshold_db=threshold_db,
                 refine_steps=self.refine_steps,
             )
+            self._seconds[threshold_db] = time.perf_counter() - started
         return self._coded[threshold_db]
 
     def select(self, bpp: float) -> EncodeResult:
@@ -296,8 +304,10 @@ class AdaptiveCandidates:
         thresholds are searched, and tiles may drop late iterations as in the uniform mode."""
         rate = RateControl(bpp=bpp)
         budget = int(bpp * self.image.pixels.size / 8)
+        search = ThresholdSearch(lambda threshold: self.at(threshold).full_size)
+        self._searched[bpp] = thresholds = search.run(budget)
         best: tuple[float, EncodeResult] | None = None
-        for threshold in self._search.run(budget):
+        for threshold in thresholds:
             candidates = self.at(threshold)
             result = candidates.select(rate)
             error = candidates.squared_error(result.tile_iterations)
@@ -305,6 +315,12 @@ class AdaptiveCandidates:
                 best = (error, result)
         assert best is not None  # the search always tries its first thresholds
         return best[1]
+
+    def network_seconds(self, bpp: float) -> float:
+        """Seconds spent coding the thresholds that :meth:`select` ``(bpp)`` searched."""
+        if bpp not in self._searched:
+            raise KeyError(f"no stream was selected at {bpp} bpp")
+        return sum(self._seconds[threshold] for threshold in self._searched[bpp])
 
 
 def encode_image(

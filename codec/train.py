@@ -3,10 +3,12 @@
     python -m codec.train IMAGES RUN_DIR [--resume] [--minutes M] [--no-pooling] ...
 
 Images are held in memory as float32 (the NIH train split: 453 images, 1.9 GB) and sampled as random
-crops with random flips. Two losses: Toderici's ``l1`` (mean absolute residual after every
+crops with random flips. Three losses: Toderici's ``l1`` (mean absolute residual after every
 iteration, summed over iterations) and ``log-mse`` (the mean over iterations of 10 log10 MSE, i.e.
 minus the mean PSNR), which weighs each iteration equally and, unlike L1, weighs a large error
 (burned-in text, lead markers, collimator edges) by its size, as PSNR and SSIM do.
+``log-mse+ms-ssim`` averages that with the mean over iterations of 10 log10 (1 - MS-SSIM), the
+metric the archive is judged on (codec/ssim_loss.py; four scales fit a 128x128 crop).
 ``--block-stop-fraction`` trains that share of each batch as the adaptive encoder codes
 (codec/block_stops.py): 16x16 blocks stop refining once good enough, at a threshold drawn per
 crop, so the decoder learns that a neighbour's all-zero code means "stopped", not "no change".
@@ -35,6 +37,7 @@ import torch
 from codec.block_stops import block_stop_rule
 from codec.io import ImageError, read_png
 from codec.model import ModelConfig, RNNConvCodec, StopRule, count_parameters
+from codec.ssim_loss import ms_ssim, scales_that_fit
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class TrainConfig:
     block_stop_fraction: float = 0.0
 
 
-LOSSES = ("l1", "log-mse")
+LOSSES = ("l1", "log-mse", "log-mse+ms-ssim")
 EDGE_BLOCK = 16
 EDGE_STEP = 0.25  # a jump of a quarter of full scale between neighbours: text, markers, edges
 #: Thresholds drawn for crops trained with block stops: the range bpp targets of 0.1-0.6 use.
@@ -136,7 +139,16 @@ def training_loss(
     if loss == "l1":
         return torch.stack([(batch - r).abs().mean() for r in reconstructions]).sum()
     mse = torch.stack([((batch - r) ** 2).mean() for r in reconstructions])
-    return (10 * torch.log10(mse + 1e-10)).mean()
+    log_mse = (10 * torch.log10(mse + 1e-10)).mean()
+    if loss == "log-mse":
+        return log_mse
+    # Both halves in dB, so a 10% smaller MSE and a 10% smaller 1 - MS-SSIM weigh the same.
+    scales = scales_that_fit(min(batch.shape[-2:]))
+    original = batch + 0.5  # back to [0, 1]: SSIM's luminance term is not shift-invariant
+    dissimilarity = torch.stack(
+        [1 - ms_ssim(original, r + 0.5, scales=scales).mean() for r in reconstructions]
+    )
+    return (log_mse + (10 * torch.log10(dissimilarity + 1e-10)).mean()) / 2
 
 
 def psnr_db(x: torch.Tensor, y: torch.Tensor) -> float:

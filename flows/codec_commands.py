@@ -148,7 +148,11 @@ def train(
         bool, typer.Option(help="Toderici-style encoder (no multi-level pooling).")
     ] = False,
     loss: Annotated[
-        str, typer.Option(help="l1 (Toderici) or log-mse (minus the mean PSNR over iterations).")
+        str,
+        typer.Option(
+            help="l1 (Toderici), log-mse (minus the mean PSNR over iterations) or "
+            "log-mse+ms-ssim (also 10 log10 (1 - MS-SSIM))."
+        ),
     ] = "l1",
     hard_fraction: Annotated[
         float, typer.Option(help="Share of each batch cropped around sharp edges (0-1).")

@@ -137,6 +137,19 @@ def test_bpp_target_is_met_closely(crop: GrayImage, target: float) -> None:
     assert 0.8 * target < achieved <= target
 
 
+def test_targets_sharing_a_cache_get_the_stream_a_single_encode_gets(crop: GrayImage) -> None:
+    """The bench asks one image for several rates; each must come out as ``radiarc encode
+    --bpp X --adaptive`` alone makes it, and be charged for the thresholds that run codes."""
+    shared = AdaptiveCandidates(crop, tile_size=256)
+    shared.select(0.4)
+    after_another = shared.select(0.15)
+    alone = AdaptiveCandidates(crop, tile_size=256)
+    assert after_another.data == alone.select(0.15).data
+    assert shared.network_seconds(0.15) > 0  # cached work is charged as a cold run does it
+    with pytest.raises(KeyError, match=r"no stream was selected at 0\.3 bpp"):
+        alone.network_seconds(0.3)
+
+
 def test_at_a_low_rate_stopping_blocks_beats_stopping_tiles(crop: GrayImage) -> None:
     """Where bits are scarce, spending them block by block removes more error than tile by
     tile (docs/codec.md has the numbers on the val set; at high rates the two are level)."""

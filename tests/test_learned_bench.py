@@ -22,6 +22,9 @@ def test_learned_codec_points_are_real_streams_under_target(chest_xray: GrayImag
         assert row.bytes * 8 / crop.pixels.size == row.bpp
         assert 10 < row.psnr < 99
     assert ours[0].bytes < ours[1].bytes
+    # Both rates come from one coding of every tile, and each is charged for all of it.
+    assert learned._last is not None
+    assert min(row.encode_seconds for row in ours) >= learned._last[2] > 0
     assert {row.codec for row in rows} == {DEFAULT_MODEL_ID, "jpeg2000"}
 
 
@@ -33,3 +36,6 @@ def test_adaptive_learned_codec_is_benched_under_its_own_name(chest_xray: GrayIm
     rows = run_bench([("crop", crop)], [learned], [0.2])
     assert [row.codec for row in rows] == [DEFAULT_MODEL_ID + "+blocks"]
     assert rows[0].bpp <= 0.2 and rows[0].psnr > 30
+    # The encode time is the rate-controlled encode's: every threshold its search coded.
+    assert learned._last_adaptive is not None
+    assert rows[0].encode_seconds >= learned._last_adaptive.network_seconds(0.2) > 0

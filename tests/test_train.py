@@ -104,6 +104,7 @@ def test_checkpoint_eval_says_where_the_error_is(tmp_path: Path) -> None:
     result = evaluate(checkpoint, [image], 2, error_map=tmp_path / "map.png")
     assert len(result.block_errors) == (1024 // 16) ** 2
     assert 0.01 < result.worst_share(0.01) < result.worst_share(0.05) < 1
+    assert 0.9 < result.ms_ssim[0] < result.ms_ssim[1] < 1  # a trained network's first two
     panel = read_png(tmp_path / "map.png").pixels
     assert panel.shape == (512, 1536)
     assert panel[:, 1024:].mean() < panel[:, :512].mean()  # the error panel is mostly dark

@@ -1,4 +1,4 @@
-"""Watch training on held-out images: a checkpoint's PSNR after each iteration on whole images.
+"""Watch training on held-out images: a checkpoint's PSNR and MS-SSIM after each iteration.
 
     python -m codec.bench.checkpoint_eval CHECKPOINT IMAGES... [--iterations 6] [--error-map PNG]
 
@@ -6,7 +6,9 @@ Runs the network straight from a training checkpoint (no export, no entropy codi
 each image whole, deterministic binarizer, reconstructions clipped to the pixel range. PSNR is
 computed from the mean squared error over all the images, so rare large errors (burned-in text,
 lead markers) weigh as they do in an archive's total error. The training log's PSNR is measured on
-that step's random crops and is too noisy to compare checkpoints; this is not.
+that step's random crops and is too noisy to compare checkpoints; this is not. MS-SSIM
+(codec.metrics, on the decoded pixels rounded to the image's bit depth) is the mean over images,
+as the bench reports it.
 
 It also says where the error is: the share of the last iteration's squared error held by the
 worst 1% and 5% of 16x16 blocks, and ``--error-map`` draws the first image, its reconstruction
@@ -26,6 +28,7 @@ import torch
 
 from codec.export import load_checkpoint_model
 from codec.io import read_png
+from codec.metrics import ms_ssim
 from codec.tiling import pad_tile
 
 BLOCK = 16
@@ -34,6 +37,7 @@ BLOCK = 16
 @dataclass
 class Evaluation:
     mse: list[float]  # after each iteration, pixels scaled to [0, 1], over all images
+    ms_ssim: list[float]  # after each iteration, the mean over images
     block_errors: np.ndarray  # the last iteration's squared error summed per 16x16 block
 
     def worst_share(self, fraction: float) -> float:
@@ -48,6 +52,7 @@ def evaluate(
 ) -> Evaluation:
     model, _ = load_checkpoint_model(checkpoint)
     totals = np.zeros(iterations)
+    similarity = np.zeros(iterations)
     blocks = []
     pixels = 0
     for index, path in enumerate(images):
@@ -58,6 +63,8 @@ def evaluate(
         for k, reconstruction in enumerate(model(tile, iterations)):
             decoded = reconstruction[0, 0, :height, :width].clamp(-0.5, 0.5).numpy()
             totals[k] += float(((decoded - normalised) ** 2).sum())
+            pixels_out = np.rint((decoded + 0.5) * image.peak).astype(image.pixels.dtype)
+            similarity[k] += ms_ssim(image.pixels, pixels_out, image.bits_stored)
         error = (decoded - normalised) ** 2
         rows, cols = height // BLOCK, width // BLOCK
         cut = error[: rows * BLOCK, : cols * BLOCK].reshape(rows, BLOCK, cols, BLOCK)
@@ -65,7 +72,11 @@ def evaluate(
         pixels += normalised.size
         if index == 0 and error_map is not None:
             _draw_error_map(normalised, decoded, error_map)
-    return Evaluation([float(t / pixels) for t in totals], np.concatenate(blocks))
+    return Evaluation(
+        [float(t / pixels) for t in totals],
+        [float(m / len(images)) for m in similarity],
+        np.concatenate(blocks),
+    )
 
 
 def squared_errors(checkpoint: Path, images: list[Path], iterations: int) -> list[float]:
@@ -94,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     result = evaluate(args.checkpoint, args.images, args.iterations, args.error_map)
     psnrs = " ".join(f"{10 * math.log10(1 / e):.2f}" for e in result.mse)
     print(f"step {step}: PSNR dB after iterations 1..{args.iterations}: {psnrs}")
+    similarities = " ".join(f"{m:.4f}" for m in result.ms_ssim)
+    print(f"step {step}: MS-SSIM after iterations 1..{args.iterations}: {similarities}")
     print(
         f"share of the squared error in the worst 1% / 5% of 16x16 blocks: "
         f"{result.worst_share(0.01):.0%} / {result.worst_share(0.05):.0%}"
