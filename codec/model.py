@@ -18,10 +18,18 @@ after each iteration, says which 16x16 blocks still need refining. A block that 
 all-zero codes from then on (neither +1 nor -1, so nothing to transmit) and its pixels are
 frozen: ``decompress`` reads the same zero codes as "stopped" and leaves those pixels alone, so
 encoder and decoder agree exactly. With no stop rule every code is +-1 and nothing changes.
+
+Hidden-state priming (after Johnston et al. 2018): with ``priming_steps`` k, the first iteration
+runs the encoder k extra times on its input and the decoder k extra times on the first code
+before either's output is used. Every recurrent state starts at zero, so without priming the
+first (and, at low rates, most important) reconstruction comes from a single pass; priming gives
+it k more recurrent passes of depth and spatial context for no extra bits. Later iterations are
+unchanged, so decoding costs k extra decoder passes per tile.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,6 +42,8 @@ from codec.layers import Binarizer, ConvGRUCell
 from codec.refine import REFINED_ITERATIONS, refine_code
 
 DOWNSAMPLING = 16  # pixels per code position along each axis
+#: More priming passes than this only multiply decode time (a hostile config must not either).
+MAX_PRIMING_STEPS = 8
 
 #: Given the input and the reconstruction so far (both ``(N, 1, H, W)``), which blocks still
 #: need refining: ``(N, 1, H/16, W/16)`` of 0.0 / 1.0.
@@ -56,6 +66,15 @@ class ModelConfig:
     decoder_channels: tuple[int, int, int, int] = (128, 64, 32, 16)
     multi_level_pooling: bool = True
     max_iterations: int = 16
+    #: Extra encoder and decoder passes on the first iteration (hidden-state priming); 0 for
+    #: every model before rnnconv-pool-v6, whose weight files do not name it.
+    priming_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.priming_steps <= MAX_PRIMING_STEPS:
+            raise ValueError(
+                f"priming_steps must be in 0..{MAX_PRIMING_STEPS}, got {self.priming_steps}"
+            )
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -174,11 +193,20 @@ class RNNConvCodec(nn.Module):
         reconstruction: torch.Tensor | float = 0.0
         reconstructions = []
         for iteration, code in enumerate(codes):
-            output, state = self.decoder(code, state)
+            output, state = self.decode_step(code, state, iteration)
             update = output * _block_update_mask(code) if iteration else output
             reconstruction = reconstruction + update / self.log_gains[iteration].exp()
             reconstructions.append(reconstruction)
-        return reconstructions  # type: ignore[return-value]
+        return reconstructions
+
+    def decode_step(
+        self, code: torch.Tensor, state: list[torch.Tensor | None], iteration: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The decoder's output for ``code`` at ``iteration``, primed on the first."""
+        if iteration == 0:
+            for _ in range(self.config.priming_steps):
+                _, state = self.decoder(code, state)
+        return self.decoder(code, state)
 
     def _encode(
         self,
@@ -198,15 +226,23 @@ class RNNConvCodec(nn.Module):
         for iteration in range(iterations):
             gain = self.log_gains[iteration].exp()
             target = (x - reconstruction) * gain
+            if iteration == 0:
+                for _ in range(self.config.priming_steps):
+                    _, encoder_state = self.encoder.soft_code(target, encoder_state)
             soft, encoder_state = self.encoder.soft_code(target, encoder_state)
             code = self.encoder.binarizer.quantise(soft)
             if refining is not None:
                 code = code * refining
             if refine_steps and iteration < REFINED_ITERATIONS:
                 code = refine_code(
-                    self.decoder, decoder_state, soft, target, refining, refine_steps
+                    functools.partial(self.decode_step, iteration=iteration),
+                    decoder_state,
+                    soft,
+                    target,
+                    refining,
+                    refine_steps,
                 )
-            output, decoder_state = self.decoder(code, decoder_state)
+            output, decoder_state = self.decode_step(code, decoder_state, iteration)
             update = output * _block_update_mask(code) if refining is not None else output
             reconstruction = reconstruction + update / gain
             if stop_rule is not None:

@@ -21,6 +21,7 @@ run loses at most those minutes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -36,7 +37,13 @@ import torch
 
 from codec.block_stops import block_stop_rule
 from codec.io import ImageError, read_png
-from codec.model import ModelConfig, RNNConvCodec, StopRule, count_parameters
+from codec.model import (
+    MAX_PRIMING_STEPS,
+    ModelConfig,
+    RNNConvCodec,
+    StopRule,
+    count_parameters,
+)
 from codec.ssim_loss import ms_ssim, scales_that_fit
 
 
@@ -170,7 +177,10 @@ def train(
     config: TrainConfig,
     minutes: float,
     resume: bool,
+    init_from: Path | None = None,
 ) -> None:
+    """Train for ``minutes``; ``resume`` continues RUN_DIR's checkpoint, ``init_from`` starts a
+    new run from another run's checkpoint (a fine-tune that may change only the priming)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / "checkpoint.pt"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -182,18 +192,11 @@ def train(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     step = 0
     if resume and checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        if ModelConfig.from_dict(checkpoint["model_config"]) != model_config:
-            raise SystemExit("--resume with a different architecture than the checkpoint's")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step = int(checkpoint["step"])
-        rng.bit_generator.state = checkpoint["numpy_rng"]
-        torch.set_rng_state(checkpoint["torch_rng"])
-        print(f"resumed {checkpoint_path} at step {step}")
-        _say_if_recipe_changed(checkpoint.get("train_config", {}), config)
+        step = _load_checkpoint(checkpoint_path, model, optimizer, rng, config, device, "resumed")
     elif checkpoint_path.exists():
         raise SystemExit(f"{checkpoint_path} exists: pass --resume or choose another RUN_DIR")
+    elif init_from is not None:
+        step = _load_checkpoint(init_from, model, optimizer, rng, config, device, "started from")
     for group in optimizer.param_groups:
         group["lr"] = config.learning_rate
 
@@ -257,6 +260,41 @@ def train(
     print(f"stopped at step {step}; checkpoint {checkpoint_path}")
 
 
+def _load_checkpoint(
+    path: Path,
+    model: RNNConvCodec,
+    optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    config: TrainConfig,
+    device: torch.device,
+    verb: str,
+) -> int:
+    """Load weights, optimiser and RNG states from ``path`` into the run; its step.
+
+    A checkpoint of another run (``--init-from``) may differ from the model in its priming
+    only: priming adds recurrent passes, not parameters, so the weights carry over as they are.
+    """
+    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    saved = ModelConfig.from_dict(checkpoint["model_config"])
+    if dataclasses.replace(saved, priming_steps=model.config.priming_steps) != model.config:
+        raise SystemExit(f"{path} holds a different architecture than this run's: {saved}")
+    if verb == "resumed" and saved != model.config:
+        raise SystemExit(
+            f"--resume with --priming-steps {model.config.priming_steps}, but {path} was "
+            f"trained with {saved.priming_steps}: start a new RUN_DIR with --init-from"
+        )
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    rng.bit_generator.state = checkpoint["numpy_rng"]
+    torch.set_rng_state(checkpoint["torch_rng"])
+    step = int(checkpoint["step"])
+    print(f"{verb} {path} at step {step}")
+    if saved.priming_steps != model.config.priming_steps:
+        print(f"note: priming steps {saved.priming_steps} -> {model.config.priming_steps}")
+    _say_if_recipe_changed(checkpoint.get("train_config", {}), config)
+    return step
+
+
 def _say_if_recipe_changed(saved: dict[str, object], config: TrainConfig) -> None:
     """Resuming with other loss flags than the checkpoint's is allowed (it is how a fine-tune
     starts) but should never happen unnoticed."""
@@ -315,18 +353,35 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="share of each batch trained with adaptive block stops (0-1)",
     )
+    parser.add_argument(
+        "--priming-steps",
+        type=int,
+        default=0,
+        help="extra encoder and decoder passes on the first iteration (hidden-state priming)",
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="start a new RUN_DIR from another run's checkpoint (weights, optimiser, step); "
+        "its architecture must match but for --priming-steps",
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     args = parser.parse_args(argv)
     for flag in ("hard_fraction", "block_stop_fraction"):
         if not 0.0 <= getattr(args, flag) <= 1.0:
             name = "--" + flag.replace("_", "-")
             parser.error(f"{name} must be in 0..1, got {getattr(args, flag)}")
+    if not 0 <= args.priming_steps <= MAX_PRIMING_STEPS:
+        parser.error(f"--priming-steps must be in 0..{MAX_PRIMING_STEPS}, got {args.priming_steps}")
+    if args.init_from is not None and not args.init_from.is_file():
+        parser.error(f"--init-from {args.init_from}: no such checkpoint file")
     if args.threads:
         torch.set_num_threads(args.threads)
     model_config = ModelConfig(
         bits=args.bits,
         multi_level_pooling=not args.no_pooling,
         max_iterations=max(16, args.iterations),
+        priming_steps=args.priming_steps,
     )
     train_config = TrainConfig(
         crop=args.crop,
@@ -338,7 +393,15 @@ def main(argv: list[str] | None = None) -> None:
         hard_fraction=args.hard_fraction,
         block_stop_fraction=args.block_stop_fraction,
     )
-    train(args.images, args.run_dir, model_config, train_config, args.minutes, args.resume)
+    train(
+        args.images,
+        args.run_dir,
+        model_config,
+        train_config,
+        args.minutes,
+        args.resume,
+        args.init_from,
+    )
 
 
 if __name__ == "__main__":

@@ -161,6 +161,19 @@ def train(
         float,
         typer.Option(help="Share of each batch trained with adaptive block stops (0-1)."),
     ] = 0.0,
+    priming_steps: Annotated[
+        int,
+        typer.Option(
+            help="Extra encoder and decoder passes on the first iteration (hidden-state priming)."
+        ),
+    ] = 0,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start a new RUN_DIR from another run's checkpoint (the architecture must "
+            "match but for --priming-steps)."
+        ),
+    ] = None,
 ) -> None:
     """Train the RNN-Conv codec (see `python -m codec.train --help` for every option)."""
     from codec.train import main as train_main
@@ -168,6 +181,8 @@ def train(
     argv = [str(images), str(run_dir), "--minutes", str(minutes)]
     argv += ["--loss", loss, "--hard-fraction", str(hard_fraction)]
     argv += ["--block-stop-fraction", str(block_stop_fraction)]
+    argv += ["--priming-steps", str(priming_steps)]
+    argv += ["--init-from", str(init_from)] if init_from is not None else []
     argv += ["--resume"] if resume else []
     argv += ["--no-pooling"] if no_pooling else []
     train_main(argv)
