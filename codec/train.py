@@ -178,9 +178,11 @@ def train(
     minutes: float,
     resume: bool,
     init_from: Path | None = None,
+    until_step: int | None = None,
 ) -> None:
-    """Train for ``minutes``; ``resume`` continues RUN_DIR's checkpoint, ``init_from`` starts a
-    new run from another run's checkpoint (a fine-tune that may change only the priming)."""
+    """Train for ``minutes`` or until the step count reaches ``until_step``, whichever comes
+    first; ``resume`` continues RUN_DIR's checkpoint, ``init_from`` starts a new run from another
+    run's checkpoint (a fine-tune that may change only the priming)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / "checkpoint.pt"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -226,7 +228,12 @@ def train(
     started = last_checkpoint = time.monotonic()
     bits_per_iteration = model_config.bits / 256
     model.train()
-    while time.monotonic() - started < minutes * 60 and not stop.is_set():
+
+    def should_continue() -> bool:
+        in_time = time.monotonic() - started < minutes * 60
+        return in_time and not stop.is_set() and (until_step is None or step < until_step)
+
+    while should_continue():
         batch = sample_batch(
             images, config.crop, config.batch, rng, config.hard_fraction, edges
         ).to(device)
@@ -365,8 +372,15 @@ def main(argv: list[str] | None = None) -> None:
         help="start a new RUN_DIR from another run's checkpoint (weights, optimiser, step); "
         "its architecture must match but for --priming-steps",
     )
+    parser.add_argument(
+        "--until-step",
+        type=int,
+        help="also stop once the step count reaches this (to match another run's steps)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     args = parser.parse_args(argv)
+    if args.until_step is not None and args.until_step < 1:
+        parser.error(f"--until-step must be a positive step count, got {args.until_step}")
     for flag in ("hard_fraction", "block_stop_fraction"):
         if not 0.0 <= getattr(args, flag) <= 1.0:
             name = "--" + flag.replace("_", "-")
@@ -401,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         args.minutes,
         args.resume,
         args.init_from,
+        args.until_step,
     )
 
 

@@ -55,6 +55,30 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path: Path) -> None:
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] > saved["step"]
 
 
+def test_until_step_stops_training_at_that_step_with_a_checkpoint(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(DATA / "00007617_000.png", images)
+    run = tmp_path / "run"
+
+    first = start(images, run, "--minutes", "10", "--until-step", "3")
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, output
+    assert f"stopped at step 3; checkpoint {run / 'checkpoint.pt'}" in output
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
+
+    # A resumed run already at the step trains no further and leaves the checkpoint's step.
+    again = start(images, run, "--minutes", "10", "--resume", "--until-step", "2")
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, output
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
+
+    refused = start(images, tmp_path / "other", "--until-step", "0")
+    output, _ = refused.communicate(timeout=120)
+    assert refused.returncode != 0
+    assert "--until-step must be a positive step count, got 0" in output
+
+
 def test_edge_blocks_find_the_burned_in_text_and_hard_crops_hold_them() -> None:
     import numpy as np
 
