@@ -23,7 +23,7 @@ from codec.model import ModelConfig, RNNConvCodec
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 REGISTRY = WEIGHTS_DIR / "models.json"
-DEFAULT_MODEL_ID = "rnnconv-pool-v7"
+DEFAULT_MODEL_ID = "rnnconv-pool-v8"
 
 
 class UnknownModelError(BitstreamError):

@@ -25,7 +25,7 @@ def main() -> None:
     """Radiarc: X-ray archives in zarr, compressed by a learned RNN-Conv codec."""
 
 
-DEFAULT_CODECS = "jpeg2000,htj2k,jpegxl,jpeg,jpegls,rnnconv-pool-v7"
+DEFAULT_CODECS = "jpeg2000,htj2k,jpegxl,jpeg,jpegls,rnnconv-pool-v8"
 DEFAULT_BPPS = "0.0625,0.125,0.25,0.5,1.0"
 IMAGE_SUFFIXES = {".png", ".dcm", ""}
 

@@ -1,6 +1,6 @@
 """Speed and seam benchmark of the learned codec; prints Markdown tables.
 
-    python -m codec.bench.speed IMAGES... [--bpp 0.25] [--model rnnconv-pool-v7] [--tile 512] \
+    python -m codec.bench.speed IMAGES... [--bpp 0.25] [--model rnnconv-pool-v8] [--tile 512] \
         [--adaptive]
 
 Speed: encode and decode megapixels per second on this machine (torch's default threads),
