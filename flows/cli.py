@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from codec.weights import DEFAULT_MODEL_ID
 from flows import codec_commands, migrate_command, storage_commands
 
 app = typer.Typer(
@@ -25,7 +26,7 @@ def main() -> None:
     """Radiarc: X-ray archives in zarr, compressed by a learned RNN-Conv codec."""
 
 
-DEFAULT_CODECS = "jpeg2000,htj2k,jpegxl,jpeg,jpegls,rnnconv-pool-v8"
+DEFAULT_CODECS = f"jpeg2000,htj2k,jpegxl,jpeg,jpegls,{DEFAULT_MODEL_ID}"
 DEFAULT_BPPS = "0.0625,0.125,0.25,0.5,1.0"
 IMAGE_SUFFIXES = {".png", ".dcm", ""}
 
