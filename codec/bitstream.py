@@ -18,6 +18,11 @@ Layout of format version 1 (all integers little-endian; documented in docs/bitst
 Format version 2 is the same container whose segments also say which 16x16 blocks are still
 being refined (spatially adaptive rate, see codec/entropy.py): ``block_stops`` in the header.
 
+Format version 3 is written when some tiles are coded at half resolution (codec/resolution.py):
+a flags byte follows the version (bit 0: block stops), and each tile's table entry starts with
+a u8 mode, 0 for full resolution and 1 for half. Versions 1 and 2 stay as they were, so every
+stream written before version 3 existed reads the same.
+
 Any prefix of a tile's iterations is a valid coarser stream (:func:`keep_iterations` rewrites
 the table), and each tile can be checked and decoded without the others.
 """
@@ -32,6 +37,10 @@ from dataclasses import dataclass, field
 MAGIC = b"RDRC"
 FORMAT_VERSION = 1  # streams whose every block is coded at every iteration
 BLOCK_STOPS_VERSION = 2  # segments carry which blocks are still refined
+TILE_MODES_VERSION = 3  # a flags byte, and a mode (full or half resolution) per tile
+KNOWN_VERSIONS = (FORMAT_VERSION, BLOCK_STOPS_VERSION, TILE_MODES_VERSION)
+BLOCK_STOPS_FLAG = 1  # version 3 flags, bit 0
+FULL_RESOLUTION, HALF_RESOLUTION = 0, 1  # version 3 tile modes
 HASH_BYTES = 8
 MAX_SIDE = 1 << 16  # larger than any radiograph; bounds memory for hostile headers
 #: Most pixels a stream may declare (128 Mi, 256 MiB of 16-bit pixels): detector radiographs are
@@ -84,13 +93,18 @@ class StreamHeader:
 
 @dataclass(frozen=True)
 class Stream:
-    """A header and, per tile (row-major), the entropy-coded segment of each iteration."""
+    """A header and, per tile (row-major), the entropy-coded segment of each iteration, and
+    which tiles are coded at half resolution (empty: none is)."""
 
     header: StreamHeader
     tiles: list[list[bytes]] = field(default_factory=list)
+    half_res: list[bool] = field(default_factory=list)
 
     def iterations(self) -> list[int]:
         return [len(segments) for segments in self.tiles]
+
+    def is_half_res(self, tile: int) -> bool:
+        return bool(self.half_res) and self.half_res[tile]
 
 
 def _leb128(value: int) -> bytes:
@@ -125,20 +139,35 @@ class _Reader:
         raise BitstreamError(f"malformed length while reading {what}")
 
 
+def format_version(stream: Stream) -> int:
+    """The version :func:`pack` writes ``stream`` as: the oldest that can hold it."""
+    if any(stream.half_res):
+        return TILE_MODES_VERSION
+    return BLOCK_STOPS_VERSION if stream.header.block_stops else FORMAT_VERSION
+
+
 def pack(stream: Stream) -> bytes:
     header = stream.header
     if len(stream.tiles) != header.tile_count:
         raise ValueError(f"{len(stream.tiles)} tiles for a grid of {header.tile_count}")
+    if stream.half_res and len(stream.half_res) != header.tile_count:
+        raise ValueError(f"{len(stream.half_res)} tile modes for a grid of {header.tile_count}")
+    version = format_version(stream)  # 1 or 2 unless needed: older readers read those
+    tile_modes = version == TILE_MODES_VERSION
     out = bytearray(MAGIC)
-    out.append(BLOCK_STOPS_VERSION if header.block_stops else FORMAT_VERSION)
+    out.append(version)
+    if tile_modes:
+        out.append(BLOCK_STOPS_FLAG if header.block_stops else 0)
     model_id = header.model_id.encode("ascii")
     out += bytes([len(model_id)]) + model_id + header.weights_hash
     out += _FIXED.pack(
         header.height, header.width, header.bits_stored, header.tile_size, header.code_channels
     )
-    for segments in stream.tiles:
+    for index, segments in enumerate(stream.tiles):
         if len(segments) > 255:
             raise ValueError("at most 255 iterations per tile")
+        if tile_modes:
+            out.append(HALF_RESOLUTION if stream.half_res[index] else FULL_RESOLUTION)
         out.append(len(segments))
         for segment in segments:
             out += _leb128(len(segment))
@@ -149,15 +178,26 @@ def pack(stream: Stream) -> bytes:
     return bytes(out)
 
 
-def _read_header(reader: _Reader) -> tuple[StreamHeader, list[tuple[list[int], int]]]:
+@dataclass(frozen=True)
+class _TileEntry:
+    lengths: list[int]
+    crc: int
+    half_res: bool
+
+
+def _read_header(reader: _Reader) -> tuple[StreamHeader, list[_TileEntry]]:
     if reader.take(4, "magic") != MAGIC:
         raise BitstreamError("not a Radiarc stream (bad magic bytes)")
     version = reader.take(1, "version")[0]
-    if version not in (FORMAT_VERSION, BLOCK_STOPS_VERSION):
-        raise BitstreamError(
-            f"unknown stream format version {version} "
-            f"(this reads {FORMAT_VERSION} and {BLOCK_STOPS_VERSION})"
-        )
+    if version not in KNOWN_VERSIONS:
+        known = ", ".join(str(v) for v in KNOWN_VERSIONS)
+        raise BitstreamError(f"unknown stream format version {version} (this reads {known})")
+    block_stops = version == BLOCK_STOPS_VERSION
+    if version == TILE_MODES_VERSION:
+        flags = reader.take(1, "format flags")[0]
+        if flags & ~BLOCK_STOPS_FLAG:
+            raise BitstreamError(f"unknown format flags {flags:#04x}")
+        block_stops = bool(flags & BLOCK_STOPS_FLAG)
     id_length = reader.take(1, "model id")[0]
     try:
         model_id = reader.take(id_length, "model id").decode("ascii")
@@ -175,14 +215,19 @@ def _read_header(reader: _Reader) -> tuple[StreamHeader, list[tuple[list[int], i
         bits_stored,
         tile_size,
         channels,
-        block_stops=version == BLOCK_STOPS_VERSION,
+        block_stops=block_stops,
     )
     table = []
     for _ in range(header.tile_count):
+        mode = FULL_RESOLUTION
+        if version == TILE_MODES_VERSION:
+            mode = reader.take(1, "tile mode")[0]
+            if mode not in (FULL_RESOLUTION, HALF_RESOLUTION):
+                raise BitstreamError(f"unknown tile mode {mode}")
         count = reader.take(1, "tile table")[0]
         lengths = [reader.leb128("tile table") for _ in range(count)]
         (crc,) = struct.unpack("<I", reader.take(4, "tile checksum"))
-        table.append((lengths, crc))
+        table.append(_TileEntry(lengths, crc, mode == HALF_RESOLUTION))
     (stored,) = struct.unpack("<I", reader.take(4, "header checksum"))
     if zlib.crc32(reader.data[: reader.offset - 4]) != stored:
         raise BitstreamError("header checksum mismatch (corrupt stream)")
@@ -201,24 +246,25 @@ def unpack(data: bytes, tiles: set[int] | None = None) -> Stream:
     """
     reader = _Reader(data)
     header, table = _read_header(reader)
-    payload_size = sum(sum(lengths) for lengths, _ in table)
+    payload_size = sum(sum(entry.lengths) for entry in table)
     if len(data) - reader.offset != payload_size:
         raise BitstreamError(
             f"payload is {len(data) - reader.offset} bytes, the tile table says {payload_size}"
         )
     decoded: list[list[bytes]] = []
-    for index, (lengths, crc) in enumerate(table):
-        raw = reader.take(sum(lengths), f"tile {index}")
+    for index, entry in enumerate(table):
+        raw = reader.take(sum(entry.lengths), f"tile {index}")
         if tiles is not None and index not in tiles:
             decoded.append([])
             continue
-        if zlib.crc32(raw) != crc:
+        if zlib.crc32(raw) != entry.crc:
             raise BitstreamError(f"tile {index} checksum mismatch (corrupt stream)")
         offsets = [0]
-        for length in lengths:
+        for length in entry.lengths:
             offsets.append(offsets[-1] + length)
         decoded.append([raw[a:b] for a, b in itertools.pairwise(offsets)])
-    return Stream(header, decoded)
+    half_res = [entry.half_res for entry in table]
+    return Stream(header, decoded, half_res if any(half_res) else [])
 
 
 def keep_iterations(data: bytes, iterations: int) -> bytes:
@@ -226,4 +272,5 @@ def keep_iterations(data: bytes, iterations: int) -> bytes:
     if iterations < 1:
         raise ValueError("keep at least one iteration")
     stream = unpack(data)
-    return pack(Stream(stream.header, [segments[:iterations] for segments in stream.tiles]))
+    kept = [segments[:iterations] for segments in stream.tiles]
+    return pack(Stream(stream.header, kept, stream.half_res))

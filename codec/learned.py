@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from codec import bitstream, entropy
+from codec import bitstream, entropy, resolution
 from codec.bitstream import BitstreamError, Stream, StreamHeader
 from codec.block_stops import ThresholdSearch, block_stop_rule
 from codec.io import GrayImage, peak_value
 from codec.metrics import WINDOW, ssim
-from codec.rate import RateControl, allocate_bytes, first_meeting, psnr_from_sse
+from codec.rate import (
+    Ladder,
+    RateControl,
+    allocate_bytes,
+    allocate_ladders,
+    first_meeting,
+    psnr_from_sse,
+)
 from codec.tiling import (
     TileBox,
     batches_by_padded_shape,
@@ -39,6 +46,7 @@ class EncodeResult:
     data: bytes
     tile_iterations: list[int]
     target_met: bool  # every tile met the floor, or the stream fits the bpp target
+    half_res: list[bool] = field(default_factory=list)  # per tile; empty: all full resolution
 
     @property
     def n_bytes(self) -> int:
@@ -63,11 +71,10 @@ def _to_pixels(reconstruction: torch.Tensor, peak: int, dtype: np.dtype) -> np.n
     return np.clip(values, 0, peak).astype(dtype)
 
 
-def _valid_pixels(blocks: Sequence[GrayImage], padded: tuple[int, int]) -> torch.Tensor:
-    """(N, 1, H, W): 1.0 on each block's pixels, 0.0 on the padding to the network grid."""
-    valid = torch.zeros(len(blocks), 1, *padded)
-    for position, block in enumerate(blocks):
-        height, width = block.pixels.shape
+def _valid_pixels(shapes: Sequence[tuple[int, ...]], padded: tuple[int, ...]) -> torch.Tensor:
+    """(N, 1, H, W): 1.0 on each coded tile's pixels, 0.0 on the padding to the network grid."""
+    valid = torch.zeros(len(shapes), 1, *padded)
+    for position, (height, width) in enumerate(shapes):
         valid[position, 0, :height, :width] = 1.0
     return valid
 
@@ -79,6 +86,7 @@ def code_blocks(
     with_ssim: bool,
     stop_threshold_db: float | None = None,
     refine_steps: int = 0,
+    half_res: bool = False,
 ) -> list[EncodedTile]:
     """One network call over blocks that pad to one shape; each block's entropy-coded
     segments and the error each iteration leaves (what rate control chooses from).
@@ -86,15 +94,22 @@ def code_blocks(
     Blocks may differ in bit depth: each is normalised by its own peak. With
     ``stop_threshold_db`` each 16x16 block stops refining once good enough
     (:mod:`codec.block_stops`; format 2 segments), and a tile ends when all its blocks have.
-    ``refine_steps`` searches each code for a better one (:mod:`codec.refine`).
+    ``refine_steps`` searches each code for a better one (:mod:`codec.refine`). With
+    ``half_res`` the blocks are coded at half resolution (:mod:`codec.resolution`); errors are
+    still measured on full-resolution pixels, as the decoder will produce them.
     """
-    stacked = np.stack([pad_tile(_normalise(block.pixels, block.peak)) for block in blocks])
+    tiles = [_normalise(block.pixels, block.peak) for block in blocks]
+    if half_res:
+        tiles = [resolution.halve(tile) for tile in tiles]
+    stacked = np.stack([pad_tile(tile) for tile in tiles])
     x = torch.from_numpy(stacked[:, None]).to(model_device(loaded))
     stop_rule = None
     if stop_threshold_db is not None:
-        valid = _valid_pixels(blocks, stacked.shape[1:]).to(x.device)
+        valid = _valid_pixels([tile.shape for tile in tiles], stacked.shape[1:]).to(x.device)
         stop_rule = block_stop_rule(stop_threshold_db, valid)
     codes, reconstructions = loaded.model.compress(x, iterations, stop_rule, refine_steps)
+    if half_res:
+        reconstructions = [resolution.double(r) for r in reconstructions]
     bits = [(code > 0).to(torch.uint8).cpu().numpy() for code in codes]
     active = [(code != 0).any(dim=1).cpu().numpy() for code in codes]
     coded = []
@@ -132,10 +147,11 @@ def _encode_tiles(
     with_ssim: bool,
     stop_threshold_db: float | None = None,
     refine_steps: int = 0,
+    half_res: bool = False,
 ) -> list[EncodedTile]:
     blocks = [GrayImage(image.pixels[box.slices], image.bits_stored) for box in boxes]
     encoded: list[EncodedTile | None] = [None] * len(boxes)
-    shapes = [(box.height, box.width) for box in boxes]
+    shapes = [_coded_shape(box, half_res) for box in boxes]
     for batch in batches_by_padded_shape(shapes, TILE_BATCH):
         coded = code_blocks(
             [blocks[i] for i in batch],
@@ -144,10 +160,23 @@ def _encode_tiles(
             with_ssim,
             stop_threshold_db,
             refine_steps,
+            half_res,
         )
         for index, tile in zip(batch, coded, strict=True):
             encoded[index] = tile
     return [tile for tile in encoded if tile is not None]
+
+
+def _coded_shape(box: TileBox, half_res: bool) -> tuple[int, int]:
+    """The size the network codes a tile at."""
+    if half_res:
+        return resolution.half_shape(box.height, box.width)
+    return box.height, box.width
+
+
+def _segment_costs(tile: EncodedTile) -> list[int]:
+    """Bytes each iteration adds to a stream: its segment and its length in the tile table."""
+    return [len(s) + _varint_size(len(s)) for s in tile.segments]
 
 
 def _varint_size(value: int) -> int:
@@ -164,7 +193,7 @@ def _choose_iterations(
     if rate.iterations is not None:
         return [len(t.segments) for t in tiles], True
     if rate.bpp is not None:
-        costs = [[len(s) + _varint_size(len(s)) for s in t.segments] for t in tiles]
+        costs = [_segment_costs(t) for t in tiles]
         chosen = allocate_bytes(costs, [t.squared_errors for t in tiles], budget)
         spent = sum(sum(c[:k]) for c, k in zip(costs, chosen, strict=True))
         return chosen, spent <= budget
@@ -191,6 +220,9 @@ class TileCandidates:
     boxes: list[TileBox]
     tiles: list[EncodedTile]
     peak: int
+    #: The same tiles coded at half resolution, when asked for: a bpp target then picks per
+    #: tile whichever removes more error per byte.
+    halves: list[EncodedTile] | None = None
 
     @property
     def iterations(self) -> int:
@@ -203,18 +235,55 @@ class TileCandidates:
         segments = sum(len(s) + _varint_size(len(s)) for t in self.tiles for s in t.segments)
         return len(bitstream.pack(Stream(self.header, [[] for _ in self.boxes]))) + segments
 
-    def squared_error(self, chosen: list[int]) -> float:
-        """Total squared error of the image when each tile keeps ``chosen`` iterations."""
-        return sum(t.squared_errors[k - 1] for t, k in zip(self.tiles, chosen, strict=True))
+    def squared_error(self, result: EncodeResult) -> float:
+        """Total squared error of the image as ``result`` (selected from these) codes it."""
+        half = result.half_res or [False] * len(self.tiles)
+        return sum(
+            self._tile(index, half[index]).squared_errors[k - 1]
+            for index, k in enumerate(result.tile_iterations)
+        )
+
+    def _tile(self, index: int, half_res: bool) -> EncodedTile:
+        if half_res:
+            if self.halves is None:
+                raise ValueError("no tile was coded at half resolution")
+            return self.halves[index]
+        return self.tiles[index]
+
+    def _overhead(self, half_res: bool) -> int:
+        """The container with no segments: what every stream of this image costs anyway."""
+        empty = Stream(self.header, [[] for _ in self.boxes], [half_res] * len(self.boxes))
+        return len(bitstream.pack(empty))
+
+    def _select_ladders(self, bpp: float) -> EncodeResult:
+        """Under a bpp target, each tile at full or half resolution (format 3 when any half)."""
+        assert self.halves is not None
+        budget = int(bpp * self.header.height * self.header.width / 8) - self._overhead(True)
+        ladders = [
+            [Ladder(_segment_costs(tile), tile.squared_errors) for tile in pair]
+            for pair in zip(self.tiles, self.halves, strict=True)
+        ]
+        picks = allocate_ladders(ladders, budget)
+        half = [ladder == 1 for ladder, _ in picks]
+        chosen = [k for _, k in picks]
+        coded = [self._tile(index, h) for index, h in enumerate(half)]
+        spent = sum(sum(_segment_costs(t)[:k]) for t, k in zip(coded, chosen, strict=True))
+        half = half if any(half) else []
+        stream = Stream(
+            self.header, [t.segments[:k] for t, k in zip(coded, chosen, strict=True)], half
+        )
+        return EncodeResult(bitstream.pack(stream), chosen, spent <= budget, half)
 
     def select(self, rate: RateControl) -> EncodeResult:
         """The stream ``rate`` asks for (its iterations must not exceed those coded)."""
         if rate.iterations is not None and rate.iterations > self.iterations:
             raise ValueError("more iterations asked than were coded")
-        # The container with no segments: what every stream of this image costs in any case.
-        overhead = len(bitstream.pack(Stream(self.header, [[] for _ in self.boxes])))
+        if rate.half_res:
+            if self.halves is None or rate.bpp is None:
+                raise ValueError("half-resolution tiles need a bpp target and coded halves")
+            return self._select_ladders(rate.bpp)
         pixels = self.header.height * self.header.width
-        budget = int((rate.bpp or 0) * pixels / 8) - overhead
+        budget = int((rate.bpp or 0) * pixels / 8) - self._overhead(False)
         tiles = (
             [EncodedTile(t.segments[: rate.iterations], [], []) for t in self.tiles]
             if rate.iterations is not None
@@ -233,10 +302,12 @@ def encode_candidates(
     with_ssim: bool = False,
     stop_threshold_db: float | None = None,
     refine_steps: int = 0,
+    half_res: bool = False,
 ) -> TileCandidates:
     """Run the network once over every tile, to ``iterations`` (default: as trained); with
     ``stop_threshold_db``, blocks stop refining once good enough (a format 2 stream); with
-    ``refine_steps``, each code is refined that many steps (:mod:`codec.refine`)."""
+    ``refine_steps``, each code is refined that many steps (:mod:`codec.refine`); with
+    ``half_res``, every tile is also coded at half resolution (:mod:`codec.resolution`)."""
     if refine_steps < 0:
         raise ValueError(f"refine_steps must be 0 or more, got {refine_steps}")
     if tile_size % 16 or tile_size < 16:
@@ -259,7 +330,12 @@ def encode_candidates(
     boxes = tile_boxes(height, width, tile_size)
     count = iterations or loaded.trained_iterations
     tiles = _encode_tiles(image, boxes, loaded, count, with_ssim, stop_threshold_db, refine_steps)
-    return TileCandidates(header, boxes, tiles, image.peak)
+    halves = None
+    if half_res:
+        halves = _encode_tiles(
+            image, boxes, loaded, count, with_ssim, stop_threshold_db, refine_steps, half_res
+        )
+    return TileCandidates(header, boxes, tiles, image.peak, halves)
 
 
 class AdaptiveCandidates:
@@ -276,11 +352,13 @@ class AdaptiveCandidates:
         model_id: str = DEFAULT_MODEL_ID,
         tile_size: int = DEFAULT_TILE_SIZE,
         refine_steps: int = 0,
+        half_res: bool = False,
     ) -> None:
         self.image = image
         self.model_id = model_id
         self.tile_size = tile_size
         self.refine_steps = refine_steps
+        self.half_res = half_res
         self._coded: dict[float, TileCandidates] = {}
         self._seconds: dict[float, float] = {}  # network and entropy coding, per threshold
         self._searched: dict[float, list[float]] = {}  # bpp -> thresholds its search tried
@@ -295,6 +373,7 @@ class AdaptiveCandidates:
                 self.tile_size,
                 stop_threshold_db=threshold_db,
                 refine_steps=self.refine_steps,
+                half_res=self.half_res,
             )
             self._seconds[threshold_db] = time.perf_counter() - started
         return self._coded[threshold_db]
@@ -302,7 +381,7 @@ class AdaptiveCandidates:
     def select(self, bpp: float) -> EncodeResult:
         """The stream with the least squared error among those not above ``bpp``; the
         thresholds are searched, and tiles may drop late iterations as in the uniform mode."""
-        rate = RateControl(bpp=bpp)
+        rate = RateControl(bpp=bpp, half_res=self.half_res)
         budget = int(bpp * self.image.pixels.size / 8)
         search = ThresholdSearch(lambda threshold: self.at(threshold).full_size)
         self._searched[bpp] = thresholds = search.run(budget)
@@ -310,7 +389,7 @@ class AdaptiveCandidates:
         for threshold in thresholds:
             candidates = self.at(threshold)
             result = candidates.select(rate)
-            error = candidates.squared_error(result.tile_iterations)
+            error = candidates.squared_error(result)
             if best is None or (result.target_met, -error) > (best[1].target_met, -best[0]):
                 best = (error, result)
         assert best is not None  # the search always tries its first thresholds
@@ -333,7 +412,8 @@ def encode_image(
     """Compress ``image`` into a Radiarc stream under ``rate``; ``refine_steps`` trades
     encoding time for quality at low rates (:mod:`codec.refine`)."""
     if rate.adaptive and rate.bpp is not None:
-        return AdaptiveCandidates(image, model_id, tile_size, refine_steps).select(rate.bpp)
+        adaptive = AdaptiveCandidates(image, model_id, tile_size, refine_steps, rate.half_res)
+        return adaptive.select(rate.bpp)
     candidates = encode_candidates(
         image,
         rate.iterations,
@@ -341,6 +421,7 @@ def encode_image(
         tile_size,
         with_ssim=rate.min_ssim is not None,
         refine_steps=refine_steps,
+        half_res=rate.half_res,
     )
     return candidates.select(rate)
 
@@ -396,10 +477,10 @@ def decode_image(
     dtype = np.dtype(np.uint8 if header.bits_stored <= 8 else np.uint16)
     output = np.zeros((rows[1] - rows[0], cols[1] - cols[0]), dtype=dtype)
     device = model_device(loaded)
-    shapes = [(boxes[i].height, boxes[i].width) for i in wanted]
+    shapes = [_coded_shape(boxes[i], stream.is_half_res(i)) for i in wanted]
     for batch in batches_by_padded_shape(shapes, TILE_BATCH):
         indices = [wanted[i] for i in batch]
-        padded = boxes[indices[0]].padded_shape
+        padded = TileBox(0, 0, *shapes[batch[0]]).padded_shape
         shape = (header.code_channels, padded[0] // 16, padded[1] // 16)
         kept = [stream.tiles[i][:iterations] if iterations else stream.tiles[i] for i in indices]
         if any(not segments for segments in kept):
@@ -421,10 +502,10 @@ def decode_image(
         reconstructions = loaded.model.decompress(codes)
         for position, index in enumerate(indices):
             box = boxes[index]
-            pixels = _to_pixels(
-                reconstructions[len(tile_codes[position]) - 1][position, 0], peak, dtype
-            )
-            pixels = pixels[: box.height, : box.width]
+            reconstruction = reconstructions[len(tile_codes[position]) - 1][position : position + 1]
+            if stream.is_half_res(index):
+                reconstruction = resolution.double(reconstruction)
+            pixels = _to_pixels(reconstruction[0, 0], peak, dtype)[: box.height, : box.width]
             top, left = max(box.top, rows[0]), max(box.left, cols[0])
             bottom = min(box.top + box.height, rows[1])
             right = min(box.left + box.width, cols[1])

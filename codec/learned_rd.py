@@ -3,8 +3,9 @@
 Its rate parameter is the iteration count; ``encode_at_bpp`` uses the codec's own rate control
 (per-tile iteration choice under a byte budget), which is how it is used in production. The
 name ``MODEL_ID+blocks`` is the same model with spatially adaptive rate (block stops, format 2);
-``+refine`` (after the model id or ``+blocks``) refines every code at encoding
-(:mod:`codec.refine`, :data:`codec.refine.DEFAULT_STEPS` steps).
+``+half`` lets each tile be coded at half resolution where that removes more error per byte
+(:mod:`codec.resolution`, format 3); ``+refine`` refines every code at encoding
+(:mod:`codec.refine`, :data:`codec.refine.DEFAULT_STEPS` steps). Suffixes come in that order.
 """
 
 from __future__ import annotations
@@ -31,16 +32,18 @@ from codec.refine import DEFAULT_STEPS
 from codec.weights import installed_models, load_model
 
 ADAPTIVE_SUFFIX = "+blocks"
+HALF_RES_SUFFIX = "+half"
 REFINE_SUFFIX = "+refine"
 
 
 def learned_codec_names() -> list[str]:
     """Every bench name of the installed models: each model id, uniform or adaptive, each
-    with and without code refinement."""
+    with and without half-resolution tiles and code refinement."""
     return [
-        model + adaptive + refine
+        model + adaptive + half + refine
         for model in installed_models()
         for adaptive in ("", ADAPTIVE_SUFFIX)
+        for half in ("", HALF_RES_SUFFIX)
         for refine in ("", REFINE_SUFFIX)
     ]
 
@@ -57,13 +60,19 @@ class LearnedCodec(RateDistortionCodec):
         tile_size: int = DEFAULT_TILE_SIZE,
         adaptive: bool = False,
         refine_steps: int = 0,
+        half_res: bool = False,
     ) -> None:
         self.model_id = model_id
         self.tile_size = tile_size
         self.adaptive = adaptive
         self.refine_steps = refine_steps
+        self.half_res = half_res
         # Instances carry their model id (and modes) as name.
-        suffixes = (ADAPTIVE_SUFFIX if adaptive else "") + (REFINE_SUFFIX if refine_steps else "")
+        suffixes = (
+            (ADAPTIVE_SUFFIX if adaptive else "")
+            + (HALF_RES_SUFFIX if half_res else "")
+            + (REFINE_SUFFIX if refine_steps else "")
+        )
         self.name = model_id + suffixes  # type: ignore[misc]
         # The bench asks for several rates of one image in a row: run the network once (per
         # threshold, in the adaptive mode).
@@ -72,21 +81,29 @@ class LearnedCodec(RateDistortionCodec):
 
     @classmethod
     def named(cls, name: str) -> LearnedCodec:
-        """``MODEL_ID``, optionally followed by ``+blocks``, then by ``+refine``."""
+        """``MODEL_ID``, optionally followed by ``+blocks``, ``+half`` and ``+refine``."""
         refine = name.endswith(REFINE_SUFFIX)
         name = name.removesuffix(REFINE_SUFFIX)
+        half_res = name.endswith(HALF_RES_SUFFIX)
+        name = name.removesuffix(HALF_RES_SUFFIX)
         adaptive = name.endswith(ADAPTIVE_SUFFIX)
         return cls(
             name.removesuffix(ADAPTIVE_SUFFIX),
             adaptive=adaptive,
             refine_steps=DEFAULT_STEPS if refine else 0,
+            half_res=half_res,
         )
 
     def _candidates(self, image: GrayImage) -> TileCandidates:
         if self._last is None or self._last[0] is not image:
             started = time.perf_counter()
             candidates = encode_candidates(
-                image, None, self.model_id, self.tile_size, refine_steps=self.refine_steps
+                image,
+                None,
+                self.model_id,
+                self.tile_size,
+                refine_steps=self.refine_steps,
+                half_res=self.half_res,
             )
             self._last = (image, candidates, time.perf_counter() - started)
         return self._last[1]
@@ -94,9 +111,12 @@ class LearnedCodec(RateDistortionCodec):
     def _adaptive(self, image: GrayImage) -> AdaptiveCandidates:
         if self._last_adaptive is None or self._last_adaptive.image is not image:
             self._last_adaptive = AdaptiveCandidates(
-                image, self.model_id, self.tile_size, self.refine_steps
+                image, self.model_id, self.tile_size, self.refine_steps, self.half_res
             )
         return self._last_adaptive
+
+    def _rate(self, bpp: float) -> RateControl:
+        return RateControl(bpp=bpp, half_res=self.half_res)
 
     def encode(self, image: GrayImage, parameter: float) -> bytes:
         rate = RateControl(iterations=int(parameter))
@@ -114,7 +134,7 @@ class LearnedCodec(RateDistortionCodec):
             adaptive.select(target_bpp)
             network = adaptive.network_seconds(target_bpp)
         else:
-            self._candidates(image).select(RateControl(bpp=target_bpp))
+            self._candidates(image).select(self._rate(target_bpp))
             assert self._last is not None
             network = self._last[2]
         return network + time.perf_counter() - started
@@ -132,7 +152,7 @@ class LearnedCodec(RateDistortionCodec):
         if self.adaptive:
             result = self._adaptive(image).select(target_bpp)
         else:
-            result = self._candidates(image).select(RateControl(bpp=target_bpp))
+            result = self._candidates(image).select(self._rate(target_bpp))
         if not result.target_met:
             achieved = bits_per_pixel(result.n_bytes, image.pixels.size)
             raise RateUnreachable(self.name, target_bpp, achieved, 1)

@@ -1,8 +1,9 @@
 """Rate control: how many iterations each tile keeps.
 
 Four modes, exactly one per encode: a fixed iteration count; a target bpp (the largest stream
-not above it, spending bytes greedily where they remove the most squared error); or a quality
-floor (minimum SSIM or PSNR) that each tile must reach on its decoded pixels.
+not above it, spending bytes greedily where they remove the most squared error, optionally
+choosing per tile between full and half resolution); or a quality floor (minimum SSIM or PSNR)
+that each tile must reach on its decoded pixels.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class RateControl:
     min_psnr: float | None = None
     #: With ``bpp``: 16x16 blocks stop refining once good enough (codec/block_stops.py).
     adaptive: bool = False
+    #: With ``bpp``: tiles may be coded at half resolution where that removes more error per
+    #: byte (codec/resolution.py; a format 3 stream when any is).
+    half_res: bool = False
 
     def __post_init__(self) -> None:
         chosen = [v for v in (self.iterations, self.bpp, self.min_ssim, self.min_psnr) if v]
@@ -36,6 +40,8 @@ class RateControl:
             raise ValueError("choose exactly one of iterations, bpp, min_ssim, min_psnr")
         if self.adaptive and self.bpp is None:
             raise ValueError("adaptive (per-block) rate needs a bpp target")
+        if self.half_res and self.bpp is None:
+            raise ValueError("half-resolution tiles need a bpp target")
         if self.iterations is not None and self.iterations < 1:
             raise ValueError(f"iterations must be at least 1, got {self.iterations}")
         if self.bpp is not None and not 0 < self.bpp < 64:
@@ -49,7 +55,8 @@ class RateControl:
         if self.iterations is not None:
             return f"iterations={self.iterations}"
         if self.bpp is not None:
-            return f"bpp<={self.bpp:g}" + (" adaptive" if self.adaptive else "")
+            modes = (" adaptive" if self.adaptive else "") + (" half-res" if self.half_res else "")
+            return f"bpp<={self.bpp:g}{modes}"
         if self.min_ssim is not None:
             return f"ssim>={self.min_ssim:g}"
         return f"psnr>={self.min_psnr:g}"
@@ -94,6 +101,46 @@ def allocate_bytes(
         chosen[tile] += 1
         push(tile)
     return chosen
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """One way to code a tile: the bytes of each iteration's segment, and the squared error
+    the tile has after each."""
+
+    costs: list[int]
+    squared_errors: list[float]
+
+
+def _hull(ladders: list[Ladder]) -> list[tuple[int, int]]:
+    """A tile's operating points ``(ladder, iterations)`` on the lower convex hull of error
+    against total bytes, cheapest first: the points a greedy allocation can move along."""
+    points = [
+        (sum(ladder.costs[:k]), ladder.squared_errors[k - 1], index, k)
+        for index, ladder in enumerate(ladders)
+        for k in range(1, len(ladder.costs) + 1)
+    ]
+    current = min(points, key=lambda p: (p[0], p[1]))
+    hull = [current]
+    while True:
+        steeper = [p for p in points if p[0] > current[0] and p[1] < current[1]]
+        if not steeper:
+            return [(p[2], p[3]) for p in hull]
+        current = max(steeper, key=lambda p: ((current[1] - p[1]) / (p[0] - current[0]), -p[0]))
+        hull.append(current)
+
+
+def allocate_ladders(tiles: list[list[Ladder]], budget: int) -> list[tuple[int, int]]:
+    """For each tile, the ladder and iteration count that together remove the most error
+    with total bytes <= budget: :func:`allocate_bytes` along each tile's convex hull."""
+    hulls = [_hull(ladders) for ladders in tiles]
+    steps, errors = [], []
+    for ladders, hull in zip(tiles, hulls, strict=True):
+        totals = [sum(ladders[index].costs[:k]) for index, k in hull]
+        steps.append([b - a for a, b in zip([0, *totals], totals, strict=False)])
+        errors.append([ladders[index].squared_errors[k - 1] for index, k in hull])
+    chosen = allocate_bytes(steps, errors, budget)
+    return [hull[count - 1] for hull, count in zip(hulls, chosen, strict=True)]
 
 
 def psnr_from_sse(squared_error: float, pixels: int, peak: int) -> float:

@@ -56,7 +56,7 @@ def test_unrequested_tiles_are_not_read() -> None:
     ("mutate", "message"),
     [
         (lambda d: b"XXXX" + d[4:], "magic"),
-        (lambda d: d[:4] + bytes([9]) + d[5:], "version 9 .this reads 1 and 2"),
+        (lambda d: d[:4] + bytes([9]) + d[5:], "version 9 .this reads 1, 2, 3"),
         (lambda d: d[:-1], "payload"),
         (lambda d: d[:30], "truncated"),
         (lambda d: d + b"\0", "payload"),
