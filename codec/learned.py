@@ -235,12 +235,12 @@ class TileCandidates:
         segments = sum(len(s) + _varint_size(len(s)) for t in self.tiles for s in t.segments)
         return len(bitstream.pack(Stream(self.header, [[] for _ in self.boxes]))) + segments
 
-    def squared_error(self, result: EncodeResult) -> float:
-        """Total squared error of the image as ``result`` (selected from these) codes it."""
-        half = result.half_res or [False] * len(self.tiles)
+    def squared_error(self, chosen: list[int], half_res: list[bool] | None = None) -> float:
+        """Total squared error of the image when each tile keeps ``chosen`` iterations, at
+        half resolution where ``half_res`` says so (an :class:`EncodeResult`'s fields)."""
+        half = half_res or [False] * len(self.tiles)
         return sum(
-            self._tile(index, half[index]).squared_errors[k - 1]
-            for index, k in enumerate(result.tile_iterations)
+            self._tile(index, half[index]).squared_errors[k - 1] for index, k in enumerate(chosen)
         )
 
     def _tile(self, index: int, half_res: bool) -> EncodedTile:
@@ -389,7 +389,7 @@ class AdaptiveCandidates:
         for threshold in thresholds:
             candidates = self.at(threshold)
             result = candidates.select(rate)
-            error = candidates.squared_error(result)
+            error = candidates.squared_error(result.tile_iterations, result.half_res)
             if best is None or (result.target_met, -error) > (best[1].target_met, -best[0]):
                 best = (error, result)
         assert best is not None  # the search always tries its first thresholds

@@ -130,7 +130,9 @@ def test_half_res_stream_decodes_to_what_the_encoder_measured(
         assert result.target_met and bits_per_pixel(result.n_bytes, pixels) <= bpp
         decoded = decode_image(result.data)
         error = np.sum((decoded.pixels.astype(np.float64) - crop.pixels) ** 2)
-        assert error == pytest.approx(candidates.squared_error(result), rel=1e-9)
+        assert error == pytest.approx(
+            candidates.squared_error(result.tile_iterations, result.half_res), rel=1e-9
+        )
         if any(result.half_res):
             assert result.data[4] == bitstream.TILE_MODES_VERSION
 
@@ -141,7 +143,9 @@ def test_at_a_low_rate_half_tiles_are_chosen_and_beat_full_resolution(
     half = candidates.select(RateControl(bpp=0.06, half_res=True))
     full = candidates.select(RateControl(bpp=0.06))
     assert sum(half.half_res) >= 1
-    assert candidates.squared_error(half) < candidates.squared_error(full)
+    assert candidates.squared_error(half.tile_iterations, half.half_res) < candidates.squared_error(
+        full.tile_iterations
+    )
 
 
 def test_half_res_prefixes_and_regions_decode_alone(candidates: TileCandidates) -> None:
@@ -198,3 +202,15 @@ def test_cli_encodes_half_res_and_info_shows_it(tmp_path: Path, chest_xray: Gray
     assert "format version 3" in described.output and "half" in described.output
     refused = runner.invoke(app, ["encode", str(source), str(stream), "--half-res"])
     assert refused.exit_code == 2 and "need a bpp target" in refused.output
+
+
+def test_bench_names_take_half_between_blocks_and_refine() -> None:
+    from codec.learned_rd import LearnedCodec, learned_codec_names
+    from codec.weights import DEFAULT_MODEL_ID
+
+    name = DEFAULT_MODEL_ID + "+blocks+half+refine"
+    assert name in learned_codec_names() and DEFAULT_MODEL_ID + "+half" in learned_codec_names()
+    codec = LearnedCodec.named(name)
+    assert codec.adaptive and codec.half_res and codec.refine_steps > 0
+    assert codec.model_id == DEFAULT_MODEL_ID and codec.name == name
+    assert not LearnedCodec.named(DEFAULT_MODEL_ID + "+blocks").half_res
