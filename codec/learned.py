@@ -1,9 +1,10 @@
 """Encode and decode whole images with the learned codec: tiles, network, entropy coder, stream.
 
-Tiles of the same padded shape go through the network together. Each tile's iterations are
-entropy-coded into segments; rate control picks how many each tile keeps; the container is
-written by :mod:`codec.bitstream`. Decoding can stop after any number of iterations and can
-decode only the tiles a region touches.
+When encoding, tiles of the same padded shape go through the network together. Each tile's
+iterations are entropy-coded into segments; rate control picks how many each tile keeps; the
+container is written by :mod:`codec.bitstream`. Decoding runs one tile per network call, tiles
+side by side on threads (:mod:`codec.tile_threads`), so the pixels are the same at any thread
+count; it can stop after any number of iterations and decode only the tiles a region touches.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from codec.rate import (
     first_meeting,
     psnr_from_sse,
 )
+from codec.tile_threads import map_tiles
 from codec.tiling import (
     TileBox,
     batches_by_padded_shape,
@@ -476,40 +478,33 @@ def decode_image(
     peak = peak_value(header.bits_stored)
     dtype = np.dtype(np.uint8 if header.bits_stored <= 8 else np.uint16)
     output = np.zeros((rows[1] - rows[0], cols[1] - cols[0]), dtype=dtype)
-    device = model_device(loaded)
-    shapes = [_coded_shape(boxes[i], stream.is_half_res(i)) for i in wanted]
-    for batch in batches_by_padded_shape(shapes, TILE_BATCH):
-        indices = [wanted[i] for i in batch]
-        padded = TileBox(0, 0, *shapes[batch[0]]).padded_shape
+    kept = {i: stream.tiles[i][:iterations] if iterations else stream.tiles[i] for i in wanted}
+    if any(not segments for segments in kept.values()):
+        raise BitstreamError("a tile has no iterations")
+    most = loaded.model.config.max_iterations
+    if any(len(segments) > most for segments in kept.values()):
+        raise BitstreamError(f"a tile has more iterations than the model's {most}")
+
+    def decode_tile(index: int) -> np.ndarray:
+        box, half = boxes[index], stream.is_half_res(index)
+        padded = TileBox(0, 0, *_coded_shape(box, half)).padded_shape
         shape = (header.code_channels, padded[0] // 16, padded[1] // 16)
-        kept = [stream.tiles[i][:iterations] if iterations else stream.tiles[i] for i in indices]
-        if any(not segments for segments in kept):
-            raise BitstreamError("a tile has no iterations")
-        if any(len(segments) > loaded.model.config.max_iterations for segments in kept):
-            raise BitstreamError(
-                f"a tile has more iterations than the model's {loaded.model.config.max_iterations}"
-            )
-        tile_codes = [
-            _decode_codes(segments, shape, loaded, header.block_stops) for segments in kept
+        codes = _decode_codes(kept[index], shape, loaded, header.block_stops)
+        device = model_device(loaded)
+        layers = [torch.from_numpy(code[np.newaxis]).to(device) for code in codes]
+        reconstruction = loaded.model.decompress(layers)[-1]
+        if half:
+            reconstruction = resolution.double(reconstruction)
+        return _to_pixels(reconstruction[0, 0], peak, dtype)[: box.height, : box.width]
+
+    # One tile per network call, on one thread each: the pixels then never depend on which
+    # tiles share a batch (a region against the whole image) or on the thread count.
+    for index, pixels in zip(wanted, map_tiles(decode_tile, wanted), strict=True):
+        box = boxes[index]
+        top, left = max(box.top, rows[0]), max(box.left, cols[0])
+        bottom = min(box.top + box.height, rows[1])
+        right = min(box.left + box.width, cols[1])
+        output[top - rows[0] : bottom - rows[0], left - cols[0] : right - cols[0]] = pixels[
+            top - box.top : bottom - box.top, left - box.left : right - box.left
         ]
-        most = max(len(c) for c in tile_codes)
-        codes = []
-        for k in range(most):
-            # Tiles that ended earlier get zero codes, which leave their pixels as they were.
-            stopped = np.zeros(shape, np.float32)
-            layer = np.stack([c[k] if k < len(c) else stopped for c in tile_codes])
-            codes.append(torch.from_numpy(layer).to(device))
-        reconstructions = loaded.model.decompress(codes)
-        for position, index in enumerate(indices):
-            box = boxes[index]
-            reconstruction = reconstructions[len(tile_codes[position]) - 1][position : position + 1]
-            if stream.is_half_res(index):
-                reconstruction = resolution.double(reconstruction)
-            pixels = _to_pixels(reconstruction[0, 0], peak, dtype)[: box.height, : box.width]
-            top, left = max(box.top, rows[0]), max(box.left, cols[0])
-            bottom = min(box.top + box.height, rows[1])
-            right = min(box.left + box.width, cols[1])
-            output[top - rows[0] : bottom - rows[0], left - cols[0] : right - cols[0]] = pixels[
-                top - box.top : bottom - box.top, left - box.left : right - box.left
-            ]
     return GrayImage(output, header.bits_stored)

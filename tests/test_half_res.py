@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -157,37 +155,6 @@ def test_half_res_prefixes_and_regions_decode_alone(candidates: TileCandidates) 
     prefix = decode_image(bitstream.keep_iterations(result.data, 1)).pixels
     assert np.array_equal(prefix, decode_image(result.data, iterations=1).pixels)
     assert not np.array_equal(prefix, whole)
-
-
-DECODE_WITH_THREADS = """
-import sys, numpy, torch
-torch.set_num_threads(int(sys.argv[1]))
-from codec.learned import decode_image
-numpy.save(sys.argv[3], decode_image(open(sys.argv[2], 'rb').read()).pixels)
-"""
-
-
-def test_half_res_decoding_across_thread_counts_differs_by_at_most_a_rounding(
-    candidates: TileCandidates, tmp_path: Path
-) -> None:
-    """Known limit (docs/codec.md): torch's CPU convolutions on some tile shapes (128x128 here)
-    differ by ~1e-7 between thread counts, which can flip the rounding of a rare pixel. Full
-    resolution streams of the shapes in test_learned decode identically; this pins the size
-    of the difference for half-resolution tiles until the decoder is made exact."""
-    result = candidates.select(RateControl(bpp=0.06, half_res=True))
-    assert any(result.half_res)
-    path = tmp_path / "half.rdrc"
-    path.write_bytes(result.data)
-    decoded = []
-    for threads in (1, 2):
-        out = tmp_path / f"{threads}.npy"
-        subprocess.run(
-            [sys.executable, "-c", DECODE_WITH_THREADS, str(threads), str(path), str(out)],
-            check=True,
-        )
-        decoded.append(np.load(out).astype(np.int32))
-    difference = np.abs(decoded[0] - decoded[1])
-    assert difference.max() <= 1 and np.count_nonzero(difference) <= decoded[0].size // 10_000
 
 
 def test_cli_encodes_half_res_and_info_shows_it(tmp_path: Path, chest_xray: GrayImage) -> None:

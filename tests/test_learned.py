@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -191,26 +188,3 @@ def test_truncated_stream_raises(six_iterations: EncodeResult) -> None:
 def test_random_bytes_raise_the_stream_error(data: bytes) -> None:
     with pytest.raises(BitstreamError):
         decode_image(data)
-
-
-DECODE_WITH_THREADS = """
-import sys, hashlib, torch
-torch.set_num_threads(int(sys.argv[1]))
-from codec.learned import decode_image
-print(hashlib.sha256(decode_image(open(sys.argv[2], 'rb').read()).pixels.tobytes()).hexdigest())
-"""
-
-
-def test_decoding_is_identical_across_thread_counts(six_iterations: EncodeResult, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    path = tmp_path / "crop.rdrc"
-    path.write_bytes(bitstream.keep_iterations(six_iterations.data, 4))
-    digests = {
-        subprocess.run(
-            [sys.executable, "-c", DECODE_WITH_THREADS, str(threads), str(path)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        for threads in (1, 2)
-    }
-    assert len(digests) == 1
