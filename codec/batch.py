@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from codec import resolution
 from codec.bitstream import StreamHeader
 from codec.io import GrayImage
-from codec.learned import TileCandidates, code_blocks
+from codec.learned import EncodedTile, TileCandidates, code_blocks
 from codec.tiling import TileBox, batches_by_padded_shape, padded_side
-from codec.weights import DEFAULT_MODEL_ID, load_model
+from codec.weights import DEFAULT_MODEL_ID, LoadedModel, load_model
 
 __all__ = ["DEFAULT_BATCH_SIZE", "block_candidates"]
 
@@ -33,9 +34,11 @@ def block_candidates(
     with_ssim: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
     refine_steps: int = 0,
+    half_res: bool = False,
 ) -> list[TileCandidates]:
     """Each block coded as a one-tile image to ``iterations`` (default: as trained), its
-    codes refined ``refine_steps`` steps (:mod:`codec.refine`)."""
+    codes refined ``refine_steps`` steps (:mod:`codec.refine`); with ``half_res``, also at
+    half resolution (:mod:`codec.resolution`), for a bpp target to choose between."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     loaded = load_model(model_id)
@@ -43,25 +46,54 @@ def block_candidates(
     if iterations is not None and not 1 <= iterations <= limit:
         raise ValueError(f"{model_id} runs 1..{limit} iterations, asked {iterations}")
     count = iterations or loaded.trained_iterations
-    results: list[TileCandidates | None] = [None] * len(blocks)
+    full = _code_in_batches(blocks, loaded, count, with_ssim, batch_size, refine_steps, False)
+    halves = (
+        _code_in_batches(blocks, loaded, count, with_ssim, batch_size, refine_steps, True)
+        if half_res
+        else None
+    )
+    results = []
+    for index, (block, tile) in enumerate(zip(blocks, full, strict=True)):
+        height, width = block.pixels.shape
+        header = StreamHeader(
+            model_id,
+            loaded.weights_hash,
+            height,
+            width,
+            block.bits_stored,
+            padded_side(max(height, width)),
+            loaded.model.config.bits,
+        )
+        half = None if halves is None else [halves[index]]
+        results.append(
+            TileCandidates(header, [TileBox(0, 0, height, width)], [tile], block.peak, half)
+        )
+    return results
+
+
+def _code_in_batches(
+    blocks: Sequence[GrayImage],
+    loaded: LoadedModel,
+    iterations: int,
+    with_ssim: bool,
+    batch_size: int,
+    refine_steps: int,
+    half_res: bool,
+) -> list[EncodedTile]:
+    """Every block coded, ``batch_size`` blocks of one padded (coded) shape per network call."""
+    coded: list[EncodedTile | None] = [None] * len(blocks)
     shapes = [block.pixels.shape for block in blocks]
+    if half_res:
+        shapes = [resolution.half_shape(*shape) for shape in shapes]
     for indices in batches_by_padded_shape(shapes, batch_size):
         tiles = code_blocks(
-            [blocks[i] for i in indices], loaded, count, with_ssim, refine_steps=refine_steps
+            [blocks[i] for i in indices],
+            loaded,
+            iterations,
+            with_ssim,
+            refine_steps=refine_steps,
+            half_res=half_res,
         )
         for index, tile in zip(indices, tiles, strict=True):
-            block = blocks[index]
-            height, width = block.pixels.shape
-            header = StreamHeader(
-                model_id,
-                loaded.weights_hash,
-                height,
-                width,
-                block.bits_stored,
-                padded_side(max(height, width)),
-                loaded.model.config.bits,
-            )
-            results[index] = TileCandidates(
-                header, [TileBox(0, 0, height, width)], [tile], block.peak
-            )
-    return [result for result in results if result is not None]
+            coded[index] = tile
+    return [tile for tile in coded if tile is not None]

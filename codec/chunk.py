@@ -47,8 +47,9 @@ MAGIC = b"RDCK"
 VERSION = 2
 _ENVELOPE = struct.Struct("<4sBIIBH")  # both versions; version 2 adds a CRC-32 after it
 _CRC = struct.Struct("<I")
-# "adaptive" (block stops, with bpp) is written only when true, so older configs read the same.
-RATE_KEYS = ("iterations", "bpp", "min_ssim", "min_psnr", "adaptive")
+# "adaptive" (block stops) and "half_res" (half-resolution tiles), both with bpp, are written
+# only when true, so older configs read the same.
+RATE_KEYS = ("iterations", "bpp", "min_ssim", "min_psnr", "adaptive", "half_res")
 # zarr decodes chunks on several threads at once; the network already uses every core (or the
 # GPU), so one chunk at a time avoids oversubscription and a double first load of the weights.
 _NETWORK = threading.Lock()
@@ -98,10 +99,13 @@ class ChunkSettings:
         min_ssim: float | None = None,
         min_psnr: float | None = None,
         adaptive: bool = False,
+        half_res: bool = False,
         refine_steps: int = 0,
     ) -> ChunkSettings:
         """Validated settings; without ``weights_hash``, the installed model's."""
-        rate = RateControl(iterations, bpp, min_ssim, min_psnr, adaptive=adaptive)
+        rate = RateControl(
+            iterations, bpp, min_ssim, min_psnr, adaptive=adaptive, half_res=half_res
+        )
         weights_hash = weights_hash or installed_weights_hash(model_id)
         return cls(model_id, weights_hash, rate, bits_stored, refine_steps)
 
@@ -229,6 +233,7 @@ def encode_chunks(
                 with_ssim=rate.min_ssim is not None,
                 batch_size=batch_size,
                 refine_steps=refine_steps,
+                half_res=rate.half_res,
             )
         for (index, envelope, _), candidate in zip(members, candidates, strict=True):
             result = candidate.select(rate)

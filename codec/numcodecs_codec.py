@@ -23,9 +23,11 @@ class RadiarcCodec(Codec):
 
     Exactly one rate setting: ``iterations``, ``bpp``, ``min_ssim`` or ``min_psnr`` (the last
     two are floors the encoder checks on decoded pixels); with ``bpp``, ``adaptive=True`` lets
-    each 16x16 block stop refining once good enough. ``refine_steps`` spends more encoding time
-    for better codes (codec/refine.py); readers need nothing. ``weights_hash`` defaults to the
-    installed model's; encoding refuses other weights, decoding follows each stream's header.
+    each 16x16 block stop refining once good enough, and ``half_res=True`` lets the chunk be
+    coded at half resolution when that removes more error per byte. ``refine_steps`` spends
+    more encoding time for better codes (codec/refine.py); readers need nothing.
+    ``weights_hash`` defaults to the installed model's; encoding refuses other weights,
+    decoding follows each stream's header.
     """
 
     codec_id = CODEC_ID
@@ -41,6 +43,7 @@ class RadiarcCodec(Codec):
         min_ssim: float | None = None,
         min_psnr: float | None = None,
         adaptive: bool = False,
+        half_res: bool = False,
         refine_steps: int = 0,
     ) -> None:
         self.settings = ChunkSettings.create(
@@ -52,6 +55,7 @@ class RadiarcCodec(Codec):
             min_ssim=min_ssim,
             min_psnr=min_psnr,
             adaptive=adaptive,
+            half_res=half_res,
             refine_steps=refine_steps,
         )
 

@@ -140,7 +140,42 @@ def allocate_ladders(tiles: list[list[Ladder]], budget: int) -> list[tuple[int, 
         steps.append([b - a for a, b in zip([0, *totals], totals, strict=False)])
         errors.append([ladders[index].squared_errors[k - 1] for index, k in hull])
     chosen = allocate_bytes(steps, errors, budget)
-    return [hull[count - 1] for hull, count in zip(hulls, chosen, strict=True)]
+    picks = [hull[count - 1] for hull, count in zip(hulls, chosen, strict=True)]
+    return _spend_leftover(tiles, picks, budget)
+
+
+def _spend_leftover(
+    tiles: list[list[Ladder]], picks: list[tuple[int, int]], budget: int
+) -> list[tuple[int, int]]:
+    """Move tiles to points off their hulls while the bytes the greedy pass left unspent pay
+    for it. The hull skips points that are poor per byte but still the best a budget buys: a
+    lone tile (a zarr chunk) whose next hull point does not fit may afford one of those."""
+
+    def cost(tile: int, pick: tuple[int, int]) -> int:
+        return sum(tiles[tile][pick[0]].costs[: pick[1]])
+
+    def error(tile: int, pick: tuple[int, int]) -> float:
+        return tiles[tile][pick[0]].squared_errors[pick[1] - 1]
+
+    picks = list(picks)
+    leftover = budget - sum(cost(tile, pick) for tile, pick in enumerate(picks))
+    improved = leftover > 0
+    while improved:
+        improved = False
+        for tile, ladders in enumerate(tiles):
+            affordable = cost(tile, picks[tile]) + leftover
+            options = [
+                (index, k)
+                for index, ladder in enumerate(ladders)
+                for k in range(1, len(ladder.costs) + 1)
+                if sum(ladder.costs[:k]) <= affordable
+            ]
+            best = min(options, key=lambda pick: (error(tile, pick), cost(tile, pick)))
+            if error(tile, best) < error(tile, picks[tile]):
+                leftover -= cost(tile, best) - cost(tile, picks[tile])
+                picks[tile] = best
+                improved = True
+    return picks
 
 
 def psnr_from_sse(squared_error: float, pixels: int, peak: int) -> float:

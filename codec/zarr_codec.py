@@ -51,6 +51,7 @@ class RadiarcZarrCodec(ArrayBytesCodec):
         min_ssim: float | None = None,
         min_psnr: float | None = None,
         adaptive: bool = False,
+        half_res: bool = False,
         refine_steps: int = 0,
     ) -> None:
         settings = ChunkSettings.create(
@@ -62,6 +63,7 @@ class RadiarcZarrCodec(ArrayBytesCodec):
             min_ssim=min_ssim,
             min_psnr=min_psnr,
             adaptive=adaptive,
+            half_res=half_res,
             refine_steps=refine_steps,
         )
         object.__setattr__(self, "settings", settings)

@@ -71,6 +71,7 @@ def flag_overrides(
     min_ssim: float | None = None,
     min_psnr: float | None = None,
     adaptive: bool = False,
+    half_res: bool = False,
     workers: int | None = None,
     gpus_per_worker: float | None = None,
     cpus_per_worker: float | None = None,
@@ -94,6 +95,10 @@ def flag_overrides(
         if bpp is None:
             raise typer.BadParameter("--adaptive needs --bpp (a bit rate to spend block by block)")
         given["adaptive"] = True
+    if half_res:
+        if bpp is None:
+            raise typer.BadParameter("--half-res needs --bpp (a bit rate to spend tile by tile)")
+        given["half_res"] = True
     if given:
         codec["rate"] = given
     if tile_size is not None:
@@ -208,6 +213,13 @@ def migrate(
             "0.125-0.25 bpp; 3-5 network runs per tile to encode)."
         ),
     ] = False,
+    half_res: Annotated[
+        bool,
+        typer.Option(
+            help="With --bpp: a tile may be coded at half resolution and upsampled where that "
+            "removes more error per byte (better quality near 0.125 bpp; 1.25x the encoding)."
+        ),
+    ] = False,
     workers: Annotated[
         int | None, typer.Option(help="Encoder actors, each holding the model (default 2).")
     ] = None,
@@ -256,6 +268,7 @@ def migrate(
         min_ssim=min_ssim,
         min_psnr=min_psnr,
         adaptive=adaptive,
+        half_res=half_res,
         workers=workers,
         gpus_per_worker=gpus_per_worker,
         cpus_per_worker=cpus_per_worker,

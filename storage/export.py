@@ -238,14 +238,18 @@ def _decimal_string(value: float | None) -> str:
 
 
 def _description(codec: dict[str, Any], quality: dict[str, Any]) -> str:
-    rate = next(
-        (
-            f"{key}={codec[key]}"
-            for key in ("iterations", "bpp", "min_ssim", "min_psnr")
-            if key in codec
-        ),
-        "",
-    ) + (" adaptive" if codec.get("adaptive") else "")
+    rate = (
+        next(
+            (
+                f"{key}={codec[key]}"
+                for key in ("iterations", "bpp", "min_ssim", "min_psnr")
+                if key in codec
+            ),
+            "",
+        )
+        + (" adaptive" if codec.get("adaptive") else "")
+        + (" half-res" if codec.get("half_res") else "")
+    )
     psnr = quality.get("psnr")
     parts = [
         f"Lossy compression by Radiarc learned codec {codec['model_id']} "

@@ -50,6 +50,11 @@ def test_flags_beat_environment_beats_file(
     assert adaptive.codec.rate.control().describe() == "bpp<=0.125 adaptive"
     assert adaptive.codec.archive_settings().codec_config()["adaptive"] is True
     assert "adaptive" not in flagged.codec.archive_settings().codec_config()
+    half = MigrationSettings.load(config_file, flag_overrides(bpp=0.125, half_res=True))
+    assert half.codec.rate.control().describe() == "bpp<=0.125 half-res"
+    assert half.codec.archive_settings().codec_config()["half_res"] is True
+    assert half.codec.archive_settings().serializer(12).settings.rate.half_res
+    assert "half_res" not in flagged.codec.archive_settings().codec_config()
     refined = MigrationSettings.load(config_file, flag_overrides(refine_steps=8))
     assert refined.codec.archive_settings().codec_config()["refine_steps"] == 8
     assert "refine_steps" not in flagged.codec.archive_settings().codec_config()
@@ -109,6 +114,7 @@ def test_migrate_and_demo_help() -> None:
         "--iterations",
         "--bpp",
         "--adaptive",
+        "--half-res",
         "--refine-steps",
         "--workers",
         "--gpus-per-worker",
@@ -129,6 +135,8 @@ def test_conflicting_or_invalid_flags_stop_before_any_work(tmp_path: Path) -> No
     assert both.exit_code == 2 and "choose one of" in both.output
     alone = runner.invoke(app, ["migrate", "src", str(tmp_path / "a"), "--adaptive"])
     assert alone.exit_code == 2 and "--adaptive needs --bpp" in alone.output
+    half = runner.invoke(app, ["migrate", "src", str(tmp_path / "a"), "--half-res"])
+    assert half.exit_code == 2 and "--half-res needs --bpp" in half.output
     bad = runner.invoke(app, ["migrate", "src", str(tmp_path / "a"), "--workers", "0"])
     assert bad.exit_code == 2 and "invalid settings" in bad.output
     assert not (tmp_path / "a").exists()

@@ -109,6 +109,34 @@ def test_allocation_stays_within_budget_on_random_ladders() -> None:
         assert spent <= max(budget, cheapest)
 
 
+def test_a_lone_tile_gets_the_best_point_its_budget_buys_even_off_the_hull() -> None:
+    """A zarr chunk is a one-tile image: the greedy pass along the convex hull may stop short
+    of the best affordable point, and the leftover pass must find it (brute force here)."""
+    full = Ladder([100, 100], [10.0, 4.0])
+    half = Ladder([30, 30, 30], [50.0, 30.0, 25.0])
+    # The hull runs half 1, half 2, full 1: half 3 (90 bytes, error 25) lies above it. With 95
+    # bytes the greedy pass stops at half 2 (60 bytes, error 30); half 3 is what 95 buys.
+    assert allocate_ladders([[full, half]], 95) == [(1, 3)]
+    assert allocate_ladders([[full, half]], 100) == [(0, 1)]
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        ladders = []
+        for _ in range(2):
+            costs = [int(c) for c in rng.integers(1, 60, size=int(rng.integers(1, 6)))]
+            errors = list(np.sort(rng.random(len(costs)) * 100)[::-1])
+            ladders.append(Ladder(costs, errors))
+        budget = int(rng.integers(1, 250))
+        points = [
+            (ladder.squared_errors[k - 1], index, k)
+            for index, ladder in enumerate(ladders)
+            for k in range(1, len(ladder.costs) + 1)
+            if sum(ladder.costs[:k]) <= budget
+        ]
+        if points:
+            ((index, k),) = allocate_ladders([ladders], budget)
+            assert ladders[index].squared_errors[k - 1] == min(points)[0]
+
+
 @pytest.fixture(scope="module")
 def crop(chest_xray: GrayImage) -> GrayImage:
     return GrayImage(chest_xray.pixels[40:520, 30:510].copy(), 8)  # 480x480: 4 tiles of 256

@@ -184,6 +184,7 @@ def test_arrays_the_codec_cannot_code_are_refused_at_creation(tmp_path: Path) ->
         {"iterations": 2, "bits_stored": 20},
         {"iterations": 2, "colour": "blue"},
         {"iterations": 2, "adaptive": True},  # block stops spend a bit rate, not iterations
+        {"min_ssim": 0.9, "half_res": True},  # so do half-resolution tiles
         {"iterations": 2, "refine_steps": -1},
         {"iterations": 2, "refine_steps": 1000},
     ],
@@ -277,6 +278,45 @@ def test_adaptive_chunks_stop_blocks_and_read_back_with_plain_zarr(
     assert np.array_equal(read[:128, :128], decode_chunk(streams[0]))
     assert np.array_equal(read[128:, 128:], decode_chunk(streams[1]))
     assert psnr(pixels, read, 8) > 35
+
+
+def test_half_res_chunks_pick_their_resolution_and_read_back_with_plain_zarr(
+    chest_xray: GrayImage, tmp_path: Path
+) -> None:
+    """``half_res`` in the codec config: at a low rate a chunk whose half-resolution ladder
+    removes more error per byte is a format-3 stream, on the actors' batch path too, and plain
+    ``zarr.open`` reads back an array closer to the original than full resolution alone makes
+    within the same budget."""
+    pixels = chest_xray.pixels[100:356, 60:316].copy()
+    bpp = 0.15  # 307 bytes a 128x128 chunk: one full-resolution iteration fits
+    codec, full = RadiarcCodec(bpp=bpp, half_res=True), RadiarcCodec(bpp=bpp)
+    assert codec.get_config()["half_res"] is True
+    assert "half_res" not in full.get_config()  # older configs unchanged
+    assert RadiarcCodec.from_config(codec.get_config()) == codec
+    chunks = [pixels[r : r + 128, c : c + 128].copy() for r in (0, 128) for c in (0, 128)]
+    batched = encode_chunks(chunks, [codec.settings] * len(chunks))
+    versions = []
+    for chunk, encoded in zip(chunks, batched, strict=True):
+        _, stream = parse_envelope(encoded.data)
+        versions.append(stream[4])
+        assert encoded.target_met and len(stream) * 8 / chunk.size <= bpp
+        # one chunk at a time (zarr's path) picks the same resolution as the actors' batches
+        assert parse_envelope(codec.encode(chunk))[1][4] == stream[4]
+    assert bitstream.TILE_MODES_VERSION in versions
+
+    arrays = {}
+    for name, serializer in (
+        ("half", RadiarcZarrCodec(bpp=bpp, half_res=True)),
+        ("full", RadiarcZarrCodec(bpp=bpp)),
+    ):
+        store = tmp_path / f"{name}.zarr"
+        array = zarr.create_array(
+            store, shape=pixels.shape, chunks=(128, 128), dtype=np.uint8, serializer=serializer
+        )
+        array[:] = pixels
+        arrays[name] = zarr.open_array(store, mode="r")[:]
+    assert np.array_equal(arrays["half"][:128, :128], decode_chunk(batched[0].data))
+    assert psnr(pixels, arrays["half"], 8) > psnr(pixels, arrays["full"], 8) + 1
 
 
 def test_refined_chunks_are_better_and_need_nothing_to_read(chest_xray: GrayImage) -> None:
