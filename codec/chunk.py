@@ -36,7 +36,13 @@ from codec import bitstream
 from codec.batch import DEFAULT_BATCH_SIZE, block_candidates
 from codec.bitstream import HASH_BYTES, BitstreamError
 from codec.io import GrayImage
-from codec.learned import decode_image, encode_image
+from codec.learned import (
+    EncodeResult,
+    TileCandidates,
+    decode_image,
+    encode_image,
+    select_within_budget,
+)
 from codec.rate import RateControl
 from codec.refine import MAX_STEPS
 from codec.tiling import padded_side
@@ -194,12 +200,21 @@ def encode_chunks(
     chunks: Sequence[np.ndarray],
     settings: Sequence[ChunkSettings],
     batch_size: int = DEFAULT_BATCH_SIZE,
+    images: Sequence[int] | None = None,
 ) -> list[EncodedChunk]:
     """:func:`encode_chunk` for many chunks (of many images) at once, ``settings[i]`` for
     ``chunks[i]``: the same stream format, with the network run over ``batch_size`` tiles per
-    call (:mod:`codec.batch`) instead of one chunk at a time."""
+    call (:mod:`codec.batch`) instead of one chunk at a time.
+
+    ``images[i]`` names the image chunk ``i`` belongs to. Under a bpp target (without block
+    stops) the chunks of one image then share one budget, the image's pixels times the bpp:
+    bytes go to the chunks where they remove the most error, and the image as a whole, not
+    each chunk, stays within the target. Without ``images`` each chunk has its own budget,
+    as when zarr encodes chunk by chunk."""
     if len(chunks) != len(settings):
         raise ValueError(f"{len(chunks)} chunks but {len(settings)} settings")
+    if images is not None and len(images) != len(chunks):
+        raise ValueError(f"{len(chunks)} chunks but {len(images)} image numbers")
     results: list[EncodedChunk | None] = [None] * len(chunks)
     groups: dict[tuple[str, RateControl, int], list[tuple[int, bytes, GrayImage]]]
     groups = defaultdict(list)
@@ -235,12 +250,35 @@ def encode_chunks(
                 refine_steps=refine_steps,
                 half_res=rate.half_res,
             )
-        for (index, envelope, _), candidate in zip(members, candidates, strict=True):
-            result = candidate.select(rate)
+        selected = _select(candidates, rate, [index for index, _, _ in members], images)
+        for (index, envelope, _), result in zip(members, selected, strict=True):
             results[index] = EncodedChunk(
                 envelope + result.data, result.tile_iterations[0], result.target_met
             )
     return [result for result in results if result is not None]
+
+
+def _select(
+    candidates: list[TileCandidates],
+    rate: RateControl,
+    indices: list[int],
+    images: Sequence[int] | None,
+) -> list[EncodeResult]:
+    """Each chunk's stream under ``rate``: one budget per image under a bpp target when
+    ``images`` groups the chunks (``indices`` are the candidates' places in it)."""
+    if images is None or rate.bpp is None:
+        return [candidate.select(rate) for candidate in candidates]
+    groups: dict[int, list[int]] = defaultdict(list)
+    for position, index in enumerate(indices):
+        groups[images[index]].append(position)
+    selected: list[EncodeResult | None] = [None] * len(candidates)
+    for positions in groups.values():
+        shared = select_within_budget(
+            [candidates[p] for p in positions], rate.bpp, half_res=rate.half_res
+        )
+        for position, result in zip(positions, shared, strict=True):
+            selected[position] = result
+    return [result for result in selected if result is not None]
 
 
 def _check_weights(settings: ChunkSettings) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -252,20 +252,20 @@ class TileCandidates:
             return self.halves[index]
         return self.tiles[index]
 
-    def _overhead(self, half_res: bool) -> int:
+    def overhead(self, half_res: bool) -> int:
         """The container with no segments: what every stream of this image costs anyway."""
         empty = Stream(self.header, [[] for _ in self.boxes], [half_res] * len(self.boxes))
         return len(bitstream.pack(empty))
 
-    def _select_ladders(self, bpp: float) -> EncodeResult:
-        """Under a bpp target, each tile at full or half resolution (format 3 when any half)."""
-        assert self.halves is not None
-        budget = int(bpp * self.header.height * self.header.width / 8) - self._overhead(True)
-        ladders = [
-            [Ladder(_segment_costs(tile), tile.squared_errors) for tile in pair]
-            for pair in zip(self.tiles, self.halves, strict=True)
-        ]
-        picks = allocate_ladders(ladders, budget)
+    def ladders(self, half_res: bool) -> list[list[Ladder]]:
+        """Each tile's ways to be coded: full resolution, then half resolution if asked."""
+        modes = (False, True) if half_res else (False,)
+        ways = [[self._tile(i, half) for half in modes] for i in range(len(self.tiles))]
+        return [[Ladder(_segment_costs(tile), tile.squared_errors) for tile in way] for way in ways]
+
+    def stream(self, picks: list[tuple[int, int]]) -> tuple[EncodeResult, int]:
+        """The stream in which tile ``i`` keeps ``picks[i] = (ladder, iterations)`` (ladder 1:
+        half resolution; format 3 when any tile is), and the segment bytes that costs."""
         half = [ladder == 1 for ladder, _ in picks]
         chosen = [k for _, k in picks]
         coded = [self._tile(index, h) for index, h in enumerate(half)]
@@ -274,18 +274,19 @@ class TileCandidates:
         stream = Stream(
             self.header, [t.segments[:k] for t, k in zip(coded, chosen, strict=True)], half
         )
-        return EncodeResult(bitstream.pack(stream), chosen, spent <= budget, half)
+        return EncodeResult(bitstream.pack(stream), chosen, True, half), spent
 
     def select(self, rate: RateControl) -> EncodeResult:
         """The stream ``rate`` asks for (its iterations must not exceed those coded)."""
         if rate.iterations is not None and rate.iterations > self.iterations:
             raise ValueError("more iterations asked than were coded")
         if rate.half_res:
-            if self.halves is None or rate.bpp is None:
-                raise ValueError("half-resolution tiles need a bpp target and coded halves")
-            return self._select_ladders(rate.bpp)
+            if rate.bpp is None:
+                raise ValueError("half-resolution tiles need a bpp target")
+            (result,) = select_within_budget([self], rate.bpp, half_res=True)
+            return result
         pixels = self.header.height * self.header.width
-        budget = int((rate.bpp or 0) * pixels / 8) - self._overhead(False)
+        budget = int((rate.bpp or 0) * pixels / 8) - self.overhead(False)
         tiles = (
             [EncodedTile(t.segments[: rate.iterations], [], []) for t in self.tiles]
             if rate.iterations is not None
@@ -294,6 +295,28 @@ class TileCandidates:
         chosen, met = _choose_iterations(tiles, self.boxes, rate, self.peak, budget)
         stream = Stream(self.header, [t.segments[:k] for t, k in zip(tiles, chosen, strict=True)])
         return EncodeResult(bitstream.pack(stream), chosen, met)
+
+
+def select_within_budget(
+    candidates: Sequence[TileCandidates], bpp: float, half_res: bool = False
+) -> list[EncodeResult]:
+    """One bpp budget shared by several coded images (the chunks of one radiograph, each its
+    own stream): the bytes go wherever they remove the most squared error, across images, at
+    full or (with ``half_res``) half resolution per tile. Each result's ``target_met`` says
+    whether the streams together fit."""
+    if half_res and any(c.halves is None for c in candidates):
+        raise ValueError("half-resolution tiles need candidates coded at half resolution")
+    pixels = sum(c.header.height * c.header.width for c in candidates)
+    budget = int(bpp * pixels / 8) - sum(c.overhead(half_res) for c in candidates)
+    ladders = [c.ladders(half_res) for c in candidates]
+    picks = allocate_ladders([tile for image in ladders for tile in image], budget)
+    results, spent, start = [], 0, 0
+    for candidate, image in zip(candidates, ladders, strict=True):
+        result, cost = candidate.stream(picks[start : start + len(image)])
+        results.append(result)
+        spent += cost
+        start += len(image)
+    return [replace(result, target_met=spent <= budget) for result in results]
 
 
 def encode_candidates(

@@ -199,7 +199,9 @@ class Encoder:
         present = [image for image in images if image is not None]
         arrays = [chunk for image in present for _, chunk in image.chunks]
         configs = [image.config for image in present for _ in image.chunks]
-        streams = iter(encode_chunks(arrays, configs, self.job.tile_batch))
+        # Under a bpp target an image's chunks share its budget (codec.chunk.encode_chunks).
+        owners = [number for number, image in enumerate(present) for _ in image.chunks]
+        streams = iter(encode_chunks(arrays, configs, self.job.tile_batch, owners))
         return [
             None if image is None else {index: next(streams).data for index, _ in image.chunks}
             for image in images

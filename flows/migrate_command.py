@@ -204,7 +204,11 @@ def migrate(
         int | None, typer.Option(help="Fixed codec iterations per tile (the default: 4).")
     ] = None,
     bpp: Annotated[
-        float | None, typer.Option(help="Per tile, the largest stream not above this bpp.")
+        float | None,
+        typer.Option(
+            help="Bits per pixel per image: its chunks share the budget, spent where it removes "
+            "the most error."
+        ),
     ] = None,
     adaptive: Annotated[
         bool,

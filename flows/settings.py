@@ -58,7 +58,7 @@ class RateSettings(_Section):
         default=None,
         gt=0,
         lt=64,
-        description="Target bits per pixel per tile (largest stream not over).",
+        description="Target bits per pixel per image (its chunks share the budget).",
     )
     min_ssim: float | None = Field(
         default=None, gt=0, lt=1, description="Quality floor: every tile's SSIM at least this."

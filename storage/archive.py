@@ -33,12 +33,20 @@ import zarr
 from fsspec import AbstractFileSystem
 
 from codec import bitstream
-from codec.chunk import CODEC_ID, RATE_KEYS, installed_weights_hash
+from codec.chunk import CODEC_ID, RATE_KEYS, encode_chunks, installed_weights_hash
+from codec.io import GrayImage
 from codec.metrics import bits_per_pixel, measure
 from codec.rate import RateControl, check_floor
 from codec.weights import DEFAULT_MODEL_ID
 from codec.zarr_codec import RadiarcZarrCodec
-from storage.chunks import CHUNKS_DIGEST, ChunkIndex, pixels_sha256, put_chunks, stored_chunks
+from storage.chunks import (
+    CHUNKS_DIGEST,
+    ChunkIndex,
+    chunk_arrays,
+    pixels_sha256,
+    put_chunks,
+    stored_chunks,
+)
 from storage.dicom import DicomError
 from storage.fsutil import join
 from storage.layout import LAYOUT_VERSION, Archive, header_text, instance_path
@@ -219,15 +227,14 @@ def archive_instance(
     the array complete with its metrics. Errors after validation give a ``failed`` row; the
     array may then be partial, without ``complete``, and a later run overwrites it.
 
-    ``encoded`` holds chunk streams already encoded elsewhere (by a batch encoder,
-    ``storage.chunks.chunk_arrays`` + ``codec.chunk.encode_chunks`` under
-    ``settings.serializer``), stored as they are instead of zarr encoding chunk by chunk;
-    ``encode_seconds`` is the time that took. ``encode_error`` is that encoder's error for
-    this image: the image is then recorded ``failed`` with it, and nothing is written. Under a
-    quality floor (``min_ssim`` or ``min_psnr``) every tile of the decoded image is measured
-    against it: an image with a tile below it gets a ``failed`` row saying so, and its array
-    stays without ``complete``.
-    """
+    ``encoded`` holds chunk streams already encoded elsewhere (by a batch encoder, as
+    :func:`encode_instance_chunks` does), stored as they are; ``encode_seconds`` is the time
+    that took. Without it the image is encoded here the same way. ``encode_error`` is that
+    encoder's error for this image: the image is then recorded ``failed`` with it, and nothing
+    is written. Under a quality floor (``min_ssim`` or ``min_psnr``) every tile of the decoded
+    image is measured against it: an image with a tile below it gets a ``failed`` row saying
+    so, and its array stays without ``complete``. Under a bpp target the image's chunks share
+    its budget (:func:`codec.chunk.encode_chunks`)."""
     start = time.perf_counter()
     header = source.dicom.header
     image = source.dicom.image
@@ -265,6 +272,10 @@ def archive_instance(
         )
         if encode_error is not None:
             raise encode_error
+        if encoded is None:
+            began = time.perf_counter()
+            encoded = encode_instance_chunks(image, settings)
+            encode_seconds += time.perf_counter() - began
         # A write or read-back that fails in passing (throttling, a dropped connection) is
         # tried again from the start: the array is recreated, so no half of it survives.
         facts.update(
@@ -308,7 +319,7 @@ def _write_and_verify(
     settings: ArchiveSettings,
     context: RunContext,
     path: str,
-    encoded: Mapping[ChunkIndex, bytes] | None = None,
+    encoded: Mapping[ChunkIndex, bytes],
 ) -> dict[str, Any]:
     dicom = source.dicom
     image = dicom.image
@@ -358,10 +369,7 @@ def _write_and_verify(
         overwrite=True,
         attributes=attributes,
     )
-    if encoded is None:
-        array[...] = image.pixels
-    else:
-        put_chunks(archive.fs, join(archive.root, path), array.metadata.to_dict(), encoded)
+    put_chunks(archive.fs, join(archive.root, path), array.metadata.to_dict(), encoded)
     written = time.perf_counter()
 
     decoded = np.asarray(archive.open_array(path)[...])
@@ -408,6 +416,17 @@ def _write_and_verify(
         "verify_seconds": verified - written,
         "floor_shortfall": shortfall,
     }
+
+
+def encode_instance_chunks(image: GrayImage, settings: ArchiveSettings) -> dict[ChunkIndex, bytes]:
+    """The chunk streams of one image as the migration's batch encoders write them: the
+    chunks zarr would encode, through the network together, sharing one bpp budget."""
+    chunks = chunk_arrays(image.pixels, settings.tile_size)
+    config = settings.serializer(image.bits_stored).settings
+    streams = encode_chunks(
+        [chunk for _, chunk in chunks], [config] * len(chunks), images=[0] * len(chunks)
+    )
+    return {index: stream.data for (index, _), stream in zip(chunks, streams, strict=True)}
 
 
 def _json_number(value: Any) -> Any:

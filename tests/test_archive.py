@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from storage_helpers import CHEAP, LUT, MONO1, PATIENT, RG3, cropped, small_pngs, write_local_export
 
+from codec.chunk import pack_envelope
 from codec.metrics import measure
 from codec.rate import RateControl
 from storage.archive import Archive, ArchiveSettings, RunContext, archive_instance, archive_item
@@ -356,3 +357,21 @@ def test_run_context_reads_the_secret_from_the_environment(
     assert RunContext.from_env("r").patient_key_secret is None
     with pytest.raises(ValueError):
         RunContext("../escape")
+
+
+def test_a_bpp_target_is_the_images_budget_shared_by_its_chunks(tmp_path: Path) -> None:
+    """Archived at ``bpp``: the chunk streams together (envelopes aside) keep within the
+    image's budget, and chunks get different shares of it (iterations differ)."""
+    archive = Archive(str(tmp_path / "archive.zarr"))
+    settings = ArchiveSettings(rate=RateControl(bpp=0.25), tile_size=128)
+    row = archive_instance(archive, read_uri(str(MONO1)), settings, CONTEXT)
+    assert row.status == "archived", row.reason
+    chunks = 4 * 4  # 440x440 on 128-pixel chunks, none of them all zero
+    envelope = len(pack_envelope((128, 128), 2, 0))
+    streams_bits = (row.archived_bytes - chunks * envelope) * 8
+    assert 0.2 * 440**2 < streams_bits <= 0.25 * 440**2
+    assert row.iterations_min < row.iterations_max
+    path = archive.locate(row.sop_instance_uid or "")
+    array = zarr.open_array(f"{archive.root}/{path}", mode="r")  # plain zarr
+    decoded = np.asarray(array[...])
+    assert measure(read_dicom(MONO1).image.pixels, decoded, 10).psnr == pytest.approx(row.psnr)

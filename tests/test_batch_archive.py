@@ -12,7 +12,7 @@ import pytest
 import zarr
 from storage_helpers import LUT, MONO1, small_pngs
 
-from codec.chunk import ChunkSettings, decode_chunk, encode_chunk, encode_chunks
+from codec.chunk import ChunkSettings, decode_chunk, encode_chunk, encode_chunks, parse_envelope
 from codec.io import GrayImage
 from codec.rate import RateControl, check_floor
 from flows.actors import Encoder, EncoderJob, is_transient, with_retries
@@ -49,6 +49,40 @@ def test_batched_chunks_are_the_streams_zarr_would_write(rate: dict) -> None:
         assert decode_chunk(result.data).shape == chunk.shape
     assert batched[3].iterations == 0 and len(batched[3].data) == 20  # one value: envelope only
     assert all(result.iterations >= 1 for i, result in enumerate(batched) if i != 3)
+
+
+@pytest.mark.parametrize("half_res", [False, True])
+def test_the_chunks_of_one_image_share_its_bpp_budget(
+    chest_xray: GrayImage, half_res: bool
+) -> None:
+    """With ``images``, a bpp target is the image's: bytes go to the chunks where they remove
+    the most error, so the image keeps within the target, spends more of it than chunks
+    budgeted one by one (each of which must round down to whole iterations), and decodes
+    closer to the original."""
+    pixels = chest_xray.pixels[200:456, 300:556]
+    cut = chunk_arrays(pixels, 128)
+    chunks = [chunk for _, chunk in cut]
+    configs = [ChunkSettings.create(bpp=0.2, half_res=half_res)] * len(chunks)
+    alone = encode_chunks(chunks, configs)
+    shared = encode_chunks(chunks, configs, images=[0] * len(chunks))
+
+    def streams_bpp(encoded: list) -> float:  # the Radiarc streams, as the budget counts them
+        return sum(len(parse_envelope(e.data)[1]) for e in encoded) * 8 / pixels.size
+
+    def error(encoded: list) -> float:
+        decoded = np.block(
+            [[decode_chunk(encoded[2 * r + c].data) for c in (0, 1)] for r in (0, 1)]
+        )
+        return float(np.sum((decoded.astype(np.float64) - pixels) ** 2))
+
+    assert all(e.target_met for e in shared)
+    assert streams_bpp(alone) < streams_bpp(shared) <= 0.2
+    assert error(shared) < error(alone)
+    # two images in one call: each keeps its own budget
+    both = encode_chunks(chunks + chunks, configs * 2, images=[0] * 4 + [1] * 4)
+    assert [e.data for e in both] == [e.data for e in shared] * 2
+    with pytest.raises(ValueError, match="image numbers"):
+        encode_chunks(chunks, configs, images=[0])
 
 
 def test_chunk_arrays_cut_like_zarr() -> None:
