@@ -508,12 +508,13 @@ def decode_image(
     if any(len(segments) > most for segments in kept.values()):
         raise BitstreamError(f"a tile has more iterations than the model's {most}")
 
+    device = model_device(loaded)
+
     def decode_tile(index: int) -> np.ndarray:
         box, half = boxes[index], stream.is_half_res(index)
         padded = TileBox(0, 0, *_coded_shape(box, half)).padded_shape
         shape = (header.code_channels, padded[0] // 16, padded[1] // 16)
         codes = _decode_codes(kept[index], shape, loaded, header.block_stops)
-        device = model_device(loaded)
         layers = [torch.from_numpy(code[np.newaxis]).to(device) for code in codes]
         reconstruction = loaded.model.decompress(layers)[-1]
         if half:
