@@ -5,7 +5,7 @@
 :meth:`Encoder.process` call takes a batch of scanned files and, for all of them together:
 reads them (with retries on transient I/O errors), cuts every image into its zarr chunks
 (:func:`storage.chunks.chunk_arrays`), encodes all those tiles in batched network calls
-(:func:`codec.chunk.encode_chunks`), then stores, verifies and measures each image
+(:func:`storage.chunks.encode_images_chunks`), then stores, verifies and measures each image
 (:func:`storage.archive.archive_instance`) and returns the manifest rows.
 
 This module never imports Prefect: actors run in Ray worker processes, and a Prefect import
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from codec.chunk import ChunkSettings, encode_chunks
+from codec.chunk import ChunkSettings
 from codec.weights import load_model, model_device
 from flows.failpoints import FailPoints
 from storage.archive import (
@@ -36,7 +36,7 @@ from storage.archive import (
     skipped_row,
     unreadable_row,
 )
-from storage.chunks import ChunkIndex, chunk_arrays
+from storage.chunks import ChunkIndex, chunk_arrays, encode_images_chunks
 from storage.dicom import DicomError
 from storage.fsutil import StorageOptions, open_fs
 from storage.layout import instance_path
@@ -196,16 +196,9 @@ class Encoder:
         for image in images:
             if image is not None:
                 self.job.failpoints.check("encode", image.checksum)
-        present = [image for image in images if image is not None]
-        arrays = [chunk for image in present for _, chunk in image.chunks]
-        configs = [image.config for image in present for _ in image.chunks]
-        # Under a bpp target an image's chunks share its budget (codec.chunk.encode_chunks).
-        owners = [number for number, image in enumerate(present) for _ in image.chunks]
-        streams = iter(encode_chunks(arrays, configs, self.job.tile_batch, owners))
-        return [
-            None if image is None else {index: next(streams).data for index, _ in image.chunks}
-            for image in images
-        ]
+        present = [(image.config, image.chunks) for image in images if image is not None]
+        streams = iter(encode_images_chunks(present, self.job.tile_batch))
+        return [None if image is None else next(streams) for image in images]
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import zarr
 from fsspec import AbstractFileSystem
 
 from codec import bitstream
-from codec.chunk import CODEC_ID, RATE_KEYS, encode_chunks, installed_weights_hash
+from codec.chunk import CODEC_ID, RATE_KEYS, installed_weights_hash
 from codec.io import GrayImage
 from codec.metrics import bits_per_pixel, measure
 from codec.rate import RateControl, check_floor
@@ -43,6 +43,7 @@ from storage.chunks import (
     CHUNKS_DIGEST,
     ChunkIndex,
     chunk_arrays,
+    encode_images_chunks,
     pixels_sha256,
     put_chunks,
     stored_chunks,
@@ -421,12 +422,9 @@ def _write_and_verify(
 def encode_instance_chunks(image: GrayImage, settings: ArchiveSettings) -> dict[ChunkIndex, bytes]:
     """The chunk streams of one image as the migration's batch encoders write them: the
     chunks zarr would encode, through the network together, sharing one bpp budget."""
-    chunks = chunk_arrays(image.pixels, settings.tile_size)
     config = settings.serializer(image.bits_stored).settings
-    streams = encode_chunks(
-        [chunk for _, chunk in chunks], [config] * len(chunks), images=[0] * len(chunks)
-    )
-    return {index: stream.data for (index, _), stream in zip(chunks, streams, strict=True)}
+    (streams,) = encode_images_chunks([(config, chunk_arrays(image.pixels, settings.tile_size))])
+    return streams
 
 
 def _json_number(value: Any) -> Any:

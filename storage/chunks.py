@@ -27,7 +27,7 @@ import hashlib
 import math
 import struct
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 from typing import Any
@@ -40,8 +40,9 @@ from fsspec import AbstractFileSystem
 from zarr.core.buffer import cpu
 
 from codec import bitstream
+from codec.batch import DEFAULT_BATCH_SIZE
 from codec.bitstream import BitstreamError
-from codec.chunk import parse_envelope
+from codec.chunk import ChunkSettings, encode_chunks, parse_envelope
 from storage.fsutil import is_local, join
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "chunk_arrays",
     "chunk_objects",
     "chunks_sha256",
+    "encode_images_chunks",
     "pixels_sha256",
     "put_chunks",
     "stored_chunks",
@@ -239,6 +241,20 @@ def chunk_arrays(pixels: np.ndarray, chunk: int) -> list[tuple[ChunkIndex, np.nd
             padded[: part.shape[0], : part.shape[1]] = part
             chunks.append(((row, col), padded))
     return chunks
+
+
+def encode_images_chunks(
+    images: Sequence[tuple[ChunkSettings, list[tuple[ChunkIndex, np.ndarray]]]],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[dict[ChunkIndex, bytes]]:
+    """The chunk streams of several images, each given as its codec settings and its
+    :func:`chunk_arrays`: every chunk through the network in shared batched calls, and under a
+    bpp target each image's chunks sharing that image's budget (codec.chunk.encode_chunks)."""
+    arrays = [chunk for _, chunks in images for _, chunk in chunks]
+    configs = [config for config, chunks in images for _ in chunks]
+    owners = [number for number, (_, chunks) in enumerate(images) for _ in chunks]
+    streams = iter(encode_chunks(arrays, configs, batch_size, owners))
+    return [{index: next(streams).data for index, _ in chunks} for _, chunks in images]
 
 
 def put_chunks(
