@@ -23,6 +23,13 @@ a flags byte follows the version (bit 0: block stops), and each tile's table ent
 a u8 mode, 0 for full resolution and 1 for half. Versions 1 and 2 stay as they were, so every
 stream written before version 3 existed reads the same.
 
+Format version 4 is version 3 with a residual layer (codec/residual.py): each tile's table entry
+also holds, after its segment lengths, the LEB128 length of its residual segment (0: none), the
+LEB128 largest pixel error the layer allows and the u32 CRC-32 of the tile's pixels as the
+encoder decoded them (a reader whose network arithmetic differs finds out instead of returning
+pixels off the bound); the residual segment follows the tile's iteration segments and is under
+the tile's checksum.
+
 Any prefix of a tile's iterations is a valid coarser stream (:func:`keep_iterations` rewrites
 the table), and each tile can be checked and decoded without the others.
 """
@@ -34,11 +41,14 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
+
 MAGIC = b"RDRC"
 FORMAT_VERSION = 1  # streams whose every block is coded at every iteration
 BLOCK_STOPS_VERSION = 2  # segments carry which blocks are still refined
 TILE_MODES_VERSION = 3  # a flags byte, and a mode (full or half resolution) per tile
-KNOWN_VERSIONS = (FORMAT_VERSION, BLOCK_STOPS_VERSION, TILE_MODES_VERSION)
+RESIDUAL_VERSION = 4  # version 3, and a residual layer per tile
+KNOWN_VERSIONS = (FORMAT_VERSION, BLOCK_STOPS_VERSION, TILE_MODES_VERSION, RESIDUAL_VERSION)
 BLOCK_STOPS_FLAG = 1  # version 3 flags, bit 0
 FULL_RESOLUTION, HALF_RESOLUTION = 0, 1  # version 3 tile modes
 HASH_BYTES = 8
@@ -93,12 +103,16 @@ class StreamHeader:
 
 @dataclass(frozen=True)
 class Stream:
-    """A header and, per tile (row-major), the entropy-coded segment of each iteration, and
-    which tiles are coded at half resolution (empty: none is)."""
+    """A header and, per tile (row-major), the entropy-coded segment of each iteration, which
+    tiles are coded at half resolution (empty: none is), and each tile's residual layer and the
+    largest pixel error it allows (empty: no tile has one; ``b""``: this tile has none)."""
 
     header: StreamHeader
     tiles: list[list[bytes]] = field(default_factory=list)
     half_res: list[bool] = field(default_factory=list)
+    residuals: list[bytes] = field(default_factory=list)
+    max_errors: list[int] = field(default_factory=list)
+    pixel_crcs: list[int] = field(default_factory=list)  # CRC-32 of each layered tile's pixels
 
     def iterations(self) -> list[int]:
         return [len(segments) for segments in self.tiles]
@@ -106,8 +120,16 @@ class Stream:
     def is_half_res(self, tile: int) -> bool:
         return bool(self.half_res) and self.half_res[tile]
 
+    def residual(self, tile: int) -> tuple[bytes, int, int] | None:
+        """The tile's residual segment, the error it allows and the CRC-32 of the pixels it
+        decodes to, if it has one."""
+        if not self.residuals or not self.residuals[tile]:
+            return None
+        return self.residuals[tile], self.max_errors[tile], self.pixel_crcs[tile]
 
-def _leb128(value: int) -> bytes:
+
+def leb128(value: int) -> bytes:
+    """``value`` as unsigned LEB128: 7 bits per byte, high bit set on all but the last."""
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -115,6 +137,16 @@ def _leb128(value: int) -> bytes:
         out.append(byte | (0x80 if value else 0))
         if not value:
             return bytes(out)
+
+
+def pixels_crc(pixels: np.ndarray) -> int:
+    """CRC-32 of a tile's pixels as little-endian bytes of their dtype (uint8 or uint16)."""
+    return zlib.crc32(np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes())
+
+
+def leb128_size(value: int) -> int:
+    """Bytes :func:`leb128` takes for ``value``."""
+    return max(1, -(-value.bit_length() // 7))
 
 
 class _Reader:
@@ -141,6 +173,8 @@ class _Reader:
 
 def format_version(stream: Stream) -> int:
     """The version :func:`pack` writes ``stream`` as: the oldest that can hold it."""
+    if any(stream.residuals):
+        return RESIDUAL_VERSION
     if any(stream.half_res):
         return TILE_MODES_VERSION
     return BLOCK_STOPS_VERSION if stream.header.block_stops else FORMAT_VERSION
@@ -152,8 +186,12 @@ def pack(stream: Stream) -> bytes:
         raise ValueError(f"{len(stream.tiles)} tiles for a grid of {header.tile_count}")
     if stream.half_res and len(stream.half_res) != header.tile_count:
         raise ValueError(f"{len(stream.half_res)} tile modes for a grid of {header.tile_count}")
-    version = format_version(stream)  # 1 or 2 unless needed: older readers read those
-    tile_modes = version == TILE_MODES_VERSION
+    counts = {len(stream.tiles), len(stream.residuals), len(stream.max_errors)}
+    if stream.residuals and len(counts | {len(stream.pixel_crcs)}) > 1:
+        raise ValueError("need one residual segment, max error and pixel CRC per tile")
+    version = format_version(stream)  # the oldest that holds it: older readers read those
+    tile_modes = version >= TILE_MODES_VERSION
+    residuals = version == RESIDUAL_VERSION
     out = bytearray(MAGIC)
     out.append(version)
     if tile_modes:
@@ -167,15 +205,22 @@ def pack(stream: Stream) -> bytes:
         if len(segments) > 255:
             raise ValueError("at most 255 iterations per tile")
         if tile_modes:
-            out.append(HALF_RESOLUTION if stream.half_res[index] else FULL_RESOLUTION)
+            out.append(HALF_RESOLUTION if stream.is_half_res(index) else FULL_RESOLUTION)
         out.append(len(segments))
         for segment in segments:
-            out += _leb128(len(segment))
-        out += struct.pack("<I", zlib.crc32(b"".join(segments)))
+            out += leb128(len(segment))
+        if residuals:
+            out += leb128(len(stream.residuals[index])) + leb128(stream.max_errors[index])
+            out += struct.pack("<I", stream.pixel_crcs[index])
+        out += struct.pack("<I", zlib.crc32(_tile_payload(stream, index)))
     out += struct.pack("<I", zlib.crc32(out))
-    for segments in stream.tiles:
-        out += b"".join(segments)
+    for index in range(len(stream.tiles)):
+        out += _tile_payload(stream, index)
     return bytes(out)
+
+
+def _tile_payload(stream: Stream, tile: int) -> bytes:
+    return b"".join(stream.tiles[tile]) + (stream.residuals[tile] if stream.residuals else b"")
 
 
 @dataclass(frozen=True)
@@ -183,6 +228,9 @@ class _TileEntry:
     lengths: list[int]
     crc: int
     half_res: bool
+    residual_length: int = 0
+    max_error: int = 0
+    pixel_crc: int = 0
 
 
 def _read_header(reader: _Reader) -> tuple[StreamHeader, list[_TileEntry]]:
@@ -193,7 +241,7 @@ def _read_header(reader: _Reader) -> tuple[StreamHeader, list[_TileEntry]]:
         known = ", ".join(str(v) for v in KNOWN_VERSIONS)
         raise BitstreamError(f"unknown stream format version {version} (this reads {known})")
     block_stops = version == BLOCK_STOPS_VERSION
-    if version == TILE_MODES_VERSION:
+    if version >= TILE_MODES_VERSION:
         flags = reader.take(1, "format flags")[0]
         if flags & ~BLOCK_STOPS_FLAG:
             raise BitstreamError(f"unknown format flags {flags:#04x}")
@@ -220,14 +268,22 @@ def _read_header(reader: _Reader) -> tuple[StreamHeader, list[_TileEntry]]:
     table = []
     for _ in range(header.tile_count):
         mode = FULL_RESOLUTION
-        if version == TILE_MODES_VERSION:
+        if version >= TILE_MODES_VERSION:
             mode = reader.take(1, "tile mode")[0]
             if mode not in (FULL_RESOLUTION, HALF_RESOLUTION):
                 raise BitstreamError(f"unknown tile mode {mode}")
         count = reader.take(1, "tile table")[0]
         lengths = [reader.leb128("tile table") for _ in range(count)]
+        residual_length = max_error = pixel_crc = 0
+        if version == RESIDUAL_VERSION:
+            residual_length = reader.leb128("residual length")
+            max_error = reader.leb128("residual max error")
+            if max_error >= 1 << bits_stored:
+                raise BitstreamError(f"residual max error {max_error} beyond {bits_stored} bits")
+            (pixel_crc,) = struct.unpack("<I", reader.take(4, "pixel checksum"))
         (crc,) = struct.unpack("<I", reader.take(4, "tile checksum"))
-        table.append(_TileEntry(lengths, crc, mode == HALF_RESOLUTION))
+        half = mode == HALF_RESOLUTION
+        table.append(_TileEntry(lengths, crc, half, residual_length, max_error, pixel_crc))
     (stored,) = struct.unpack("<I", reader.take(4, "header checksum"))
     if zlib.crc32(reader.data[: reader.offset - 4]) != stored:
         raise BitstreamError("header checksum mismatch (corrupt stream)")
@@ -246,16 +302,18 @@ def unpack(data: bytes, tiles: set[int] | None = None) -> Stream:
     """
     reader = _Reader(data)
     header, table = _read_header(reader)
-    payload_size = sum(sum(entry.lengths) for entry in table)
+    payload_size = sum(sum(entry.lengths) + entry.residual_length for entry in table)
     if len(data) - reader.offset != payload_size:
         raise BitstreamError(
             f"payload is {len(data) - reader.offset} bytes, the tile table says {payload_size}"
         )
     decoded: list[list[bytes]] = []
+    residuals: list[bytes] = []
     for index, entry in enumerate(table):
-        raw = reader.take(sum(entry.lengths), f"tile {index}")
+        raw = reader.take(sum(entry.lengths) + entry.residual_length, f"tile {index}")
         if tiles is not None and index not in tiles:
             decoded.append([])
+            residuals.append(b"")
             continue
         if zlib.crc32(raw) != entry.crc:
             raise BitstreamError(f"tile {index} checksum mismatch (corrupt stream)")
@@ -263,14 +321,32 @@ def unpack(data: bytes, tiles: set[int] | None = None) -> Stream:
         for length in entry.lengths:
             offsets.append(offsets[-1] + length)
         decoded.append([raw[a:b] for a, b in itertools.pairwise(offsets)])
+        residuals.append(raw[offsets[-1] :])
     half_res = [entry.half_res for entry in table]
-    return Stream(header, decoded, half_res if any(half_res) else [])
+    if not any(entry.residual_length for entry in table):
+        return Stream(header, decoded, half_res if any(half_res) else [])
+    max_errors = [entry.max_error for entry in table]
+    crcs = [entry.pixel_crc for entry in table]
+    return Stream(header, decoded, half_res if any(half_res) else [], residuals, max_errors, crcs)
 
 
 def keep_iterations(data: bytes, iterations: int) -> bytes:
-    """The lower-rate stream made of each tile's first ``iterations`` segments."""
+    """The lower-rate stream made of each tile's first ``iterations`` segments. A tile keeps
+    its residual layer only if it keeps all its iterations: the layer corrects those."""
     if iterations < 1:
         raise ValueError("keep at least one iteration")
     stream = unpack(data)
     kept = [segments[:iterations] for segments in stream.tiles]
-    return pack(Stream(stream.header, kept, stream.half_res))
+    residuals = [
+        residual if len(segments) <= iterations else b""
+        for segments, residual in zip(
+            stream.tiles, stream.residuals or [b""] * len(stream.tiles), strict=True
+        )
+    ]
+    if not any(residuals):
+        return pack(Stream(stream.header, kept, stream.half_res))
+    return pack(
+        Stream(
+            stream.header, kept, stream.half_res, residuals, stream.max_errors, stream.pixel_crcs
+        )
+    )

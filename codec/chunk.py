@@ -54,8 +54,9 @@ VERSION = 2
 _ENVELOPE = struct.Struct("<4sBIIBH")  # both versions; version 2 adds a CRC-32 after it
 _CRC = struct.Struct("<I")
 # "adaptive" (block stops) and "half_res" (half-resolution tiles), both with bpp, are written
-# only when true, so older configs read the same.
-RATE_KEYS = ("iterations", "bpp", "min_ssim", "min_psnr", "adaptive", "half_res")
+# only when true, and "max_error" (a residual layer) only when set, so older configs read the
+# same.
+RATE_KEYS = ("iterations", "bpp", "min_ssim", "min_psnr", "adaptive", "half_res", "max_error")
 # zarr decodes chunks on several threads at once; the network already uses every core (or the
 # GPU), so one chunk at a time avoids oversubscription and a double first load of the weights.
 _NETWORK = threading.Lock()
@@ -106,11 +107,18 @@ class ChunkSettings:
         min_psnr: float | None = None,
         adaptive: bool = False,
         half_res: bool = False,
+        max_error: int | None = None,
         refine_steps: int = 0,
     ) -> ChunkSettings:
         """Validated settings; without ``weights_hash``, the installed model's."""
         rate = RateControl(
-            iterations, bpp, min_ssim, min_psnr, adaptive=adaptive, half_res=half_res
+            iterations,
+            bpp,
+            min_ssim,
+            min_psnr,
+            adaptive=adaptive,
+            half_res=half_res,
+            max_error=max_error,
         )
         weights_hash = weights_hash or installed_weights_hash(model_id)
         return cls(model_id, weights_hash, rate, bits_stored, refine_steps)
@@ -130,10 +138,17 @@ class ChunkSettings:
             "weights_hash": self.weights_hash,
             "bits_stored": self.bits_stored,
         }
-        config.update({k: getattr(self.rate, k) for k in RATE_KEYS if getattr(self.rate, k)})
+        config.update(rate_config(self.rate))
         if self.refine_steps:  # written only when used, so older configs read the same
             config["refine_steps"] = self.refine_steps
         return config
+
+
+def rate_config(rate: RateControl) -> dict[str, Any]:
+    """The rate settings in use, as configs store them: unset (None) and false modes left out,
+    a max error of 0 (lossless) kept."""
+    values = {key: getattr(rate, key) for key in RATE_KEYS}
+    return {key: value for key, value in values.items() if value is not None and value is not False}
 
 
 def _is_hex(text: str) -> bool:
@@ -230,8 +245,9 @@ def encode_chunks(
         block = GrayImage(np.ascontiguousarray(chunk[:height, :width]), bits)
         groups[(config.model_id, config.rate, config.refine_steps)].append((index, envelope, block))
     for (model_id, rate, refine_steps), members in groups.items():
-        if rate.adaptive:
-            # Each chunk searches its own block-stop threshold: no batching across chunks.
+        if rate.adaptive or rate.max_error is not None:
+            # Each chunk searches its own block-stop threshold, or codes its own residual
+            # layer on the decoder's pixels: no batching across chunks.
             for index, envelope, block in members:
                 tile_size = padded_side(max(block.pixels.shape))  # the whole block is one tile
                 with _NETWORK:

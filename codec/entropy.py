@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import constriction
 import numpy as np
 
-from codec.bitstream import BitstreamError
+from codec.bitstream import BitstreamError, leb128
 
 PROBABILITY_SCALE = 1 << 16
 ITERATION_BUCKETS = 4  # iterations 0, 1, 2, and 3+ share statistics
@@ -140,33 +140,24 @@ def _stop_probability(continuing: int, candidates: int) -> np.ndarray:
     return np.array([continuing / candidates], dtype=np.float64)
 
 
-def _words_to_bytes(words: np.ndarray) -> bytes:
+def words_to_bytes(words: np.ndarray) -> bytes:
     # The coder emits 32-bit words; trailing zero bytes are implied and restored on decode.
     return words.astype("<u4").tobytes().rstrip(b"\0")
 
 
-def _bytes_to_words(data: bytes) -> np.ndarray:
+def bytes_to_words(data: bytes) -> np.ndarray:
     padded = data + b"\0" * (-len(data) % 4)
     return np.frombuffer(padded, dtype="<u4").astype(np.uint32)
 
 
-def _leb128(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _read_leb128(data: bytes) -> tuple[int, int]:
+def read_leb128(data: bytes, what: str) -> tuple[int, int]:
     """The value at the start of ``data`` and how many bytes it took."""
     value = 0
     for index, byte in enumerate(data[:5]):
         value |= (byte & 0x7F) << (7 * index)
         if not byte & 0x80:
             return value, index + 1
-    raise EntropyCodingError("segment does not start with a block count")
+    raise EntropyCodingError(f"malformed {what}")
 
 
 def encode_iteration(
@@ -200,14 +191,14 @@ def encode_iteration(
     prefix = b""
     if previous_active is not None:
         candidates, continuing = int(previous_active.sum()), int(active.sum())
-        prefix = _leb128(continuing)
+        prefix = leb128(continuing)
         if 0 < continuing < candidates:
             flags = active[previous_active].astype(np.int32)
             probability = _stop_probability(continuing, candidates)
             encoder.encode(flags, _MODEL, np.broadcast_to(probability, flags.shape))
     encoder.encode(bits[mask_a].astype(np.int32), _MODEL, prob_a[mask_a])
     encoder.encode(bits[mask_b].astype(np.int32), _MODEL, prob_b[mask_b])
-    return prefix + _words_to_bytes(encoder.get_compressed())
+    return prefix + words_to_bytes(encoder.get_compressed())
 
 
 def decode_iteration(
@@ -223,14 +214,14 @@ def decode_iteration(
     try:
         active = np.ones(shape[1:], dtype=bool)
         if previous_active is not None:
-            continuing, used = _read_leb128(data)
+            continuing, used = read_leb128(data, "block count")
             data = data[used:]
             candidates = int(previous_active.sum())
             if continuing > candidates:
                 raise EntropyCodingError(
                     f"segment continues {continuing} blocks of {candidates} still refining"
                 )
-        decoder = constriction.stream.queue.RangeDecoder(_bytes_to_words(data))
+        decoder = constriction.stream.queue.RangeDecoder(bytes_to_words(data))
         if previous_active is not None:
             active = previous_active.copy() if continuing == candidates else np.zeros_like(active)
             if 0 < continuing < candidates:

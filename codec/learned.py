@@ -29,6 +29,7 @@ from codec.rate import (
     first_meeting,
     psnr_from_sse,
 )
+from codec.residual import decode_residual, reconstruct
 from codec.tile_threads import map_tiles
 from codec.tiling import (
     TileBox,
@@ -49,6 +50,7 @@ class EncodeResult:
     tile_iterations: list[int]
     target_met: bool  # every tile met the floor, or the stream fits the bpp target
     half_res: list[bool] = field(default_factory=list)  # per tile; empty: all full resolution
+    max_error: int | None = None  # with a residual layer: no pixel is off by more
 
     @property
     def n_bytes(self) -> int:
@@ -178,11 +180,7 @@ def _coded_shape(box: TileBox, half_res: bool) -> tuple[int, int]:
 
 def _segment_costs(tile: EncodedTile) -> list[int]:
     """Bytes each iteration adds to a stream: its segment and its length in the tile table."""
-    return [len(s) + _varint_size(len(s)) for s in tile.segments]
-
-
-def _varint_size(value: int) -> int:
-    return max(1, -(-value.bit_length() // 7))
+    return [len(s) + bitstream.leb128_size(len(s)) for s in tile.segments]
 
 
 def _choose_iterations(
@@ -234,7 +232,7 @@ class TileCandidates:
     @property
     def full_size(self) -> int:
         """Bytes of the stream that keeps every coded iteration."""
-        segments = sum(len(s) + _varint_size(len(s)) for t in self.tiles for s in t.segments)
+        segments = sum(sum(_segment_costs(tile)) for tile in self.tiles)
         return len(bitstream.pack(Stream(self.header, [[] for _ in self.boxes]))) + segments
 
     def squared_error(self, chosen: list[int], half_res: list[bool] | None = None) -> float:
@@ -436,6 +434,13 @@ def encode_image(
 ) -> EncodeResult:
     """Compress ``image`` into a Radiarc stream under ``rate``; ``refine_steps`` trades
     encoding time for quality at low rates (:mod:`codec.refine`)."""
+    if rate.max_error is not None or rate.residual:
+        # Imported here: codec.near_lossless builds on this module's encoder and decoder.
+        from codec.near_lossless import ResidualCandidates
+
+        if rate.max_error is not None:
+            return ResidualCandidates.encode(image, model_id, tile_size).stream(rate.max_error)
+        return ResidualCandidates.for_bpp(image, model_id, tile_size).at_bpp(rate.bpp or 0.0)
     if rate.adaptive and rate.bpp is not None:
         adaptive = AdaptiveCandidates(image, model_id, tile_size, refine_steps, rate.half_res)
         return adaptive.select(rate.bpp)
@@ -480,6 +485,32 @@ def _decode_codes(
     return codes
 
 
+def decode_tile(
+    loaded: LoadedModel,
+    header: StreamHeader,
+    box: TileBox,
+    half_res: bool,
+    segments: list[bytes],
+    every_iteration: bool = False,
+) -> list[np.ndarray]:
+    """A tile's pixels after its last iteration (or, ``every_iteration``, after each), as
+    every reader decodes them: the tile alone in one network call (run it on one intra-op
+    thread, as :func:`codec.tile_threads.map_tiles` does, for the same pixels everywhere)."""
+    padded = TileBox(0, 0, *_coded_shape(box, half_res)).padded_shape
+    shape = (header.code_channels, padded[0] // 16, padded[1] // 16)
+    codes = _decode_codes(segments, shape, loaded, header.block_stops)
+    layers = [torch.from_numpy(code[np.newaxis]).to(model_device(loaded)) for code in codes]
+    reconstructions = loaded.model.decompress(layers)
+    peak = peak_value(header.bits_stored)
+    dtype = np.dtype(np.uint8 if header.bits_stored <= 8 else np.uint16)
+    pixels = []
+    for reconstruction in reconstructions if every_iteration else reconstructions[-1:]:
+        if half_res:
+            reconstruction = resolution.double(reconstruction)
+        pixels.append(_to_pixels(reconstruction[0, 0], peak, dtype)[: box.height, : box.width])
+    return pixels
+
+
 def decode_image(
     data: bytes,
     iterations: int | None = None,
@@ -508,22 +539,26 @@ def decode_image(
     if any(len(segments) > most for segments in kept.values()):
         raise BitstreamError(f"a tile has more iterations than the model's {most}")
 
-    device = model_device(loaded)
-
-    def decode_tile(index: int) -> np.ndarray:
-        box, half = boxes[index], stream.is_half_res(index)
-        padded = TileBox(0, 0, *_coded_shape(box, half)).padded_shape
-        shape = (header.code_channels, padded[0] // 16, padded[1] // 16)
-        codes = _decode_codes(kept[index], shape, loaded, header.block_stops)
-        layers = [torch.from_numpy(code[np.newaxis]).to(device) for code in codes]
-        reconstruction = loaded.model.decompress(layers)[-1]
-        if half:
-            reconstruction = resolution.double(reconstruction)
-        return _to_pixels(reconstruction[0, 0], peak, dtype)[: box.height, : box.width]
+    def decode(index: int) -> np.ndarray:
+        box, segments = boxes[index], kept[index]
+        pixels = decode_tile(loaded, header, box, stream.is_half_res(index), segments)[-1]
+        residual = stream.residual(index)
+        if residual is None or len(segments) < len(stream.tiles[index]):
+            return pixels  # no layer, or a prefix of iterations the layer does not correct
+        layer, max_error, crc = residual
+        indices = decode_residual(layer, (box.height, box.width))
+        pixels = reconstruct(pixels, indices, max_error, peak)
+        if bitstream.pixels_crc(pixels) != crc:
+            raise BitstreamError(
+                f"tile {index} decodes to other pixels than its encoder's: this machine's "
+                "network arithmetic differs from the one that wrote the stream, so its pixels "
+                f"could be off the max error {max_error} (docs/bitstream.md, version 4)"
+            )
+        return pixels
 
     # One tile per network call, on one thread each: the pixels then never depend on which
     # tiles share a batch (a region against the whole image) or on the thread count.
-    for index, pixels in zip(wanted, map_tiles(decode_tile, wanted), strict=True):
+    for index, pixels in zip(wanted, map_tiles(decode, wanted), strict=True):
         box = boxes[index]
         top, left = max(box.top, rows[0]), max(box.left, cols[0])
         bottom = min(box.top + box.height, rows[1])

@@ -6,6 +6,10 @@ name ``MODEL_ID+blocks`` is the same model with spatially adaptive rate (block s
 ``+half`` lets each tile be coded at half resolution where that removes more error per byte
 (:mod:`codec.resolution`, format 3); ``+refine`` refines every code at encoding
 (:mod:`codec.refine`, :data:`codec.refine.DEFAULT_STEPS` steps). Suffixes come in that order.
+``MODEL_ID+residual`` lets each tile add a residual layer (:mod:`codec.near_lossless`, format
+4) where that removes more error per byte than the network's iterations: it reaches the 2-4 bpp
+and lossless rates the network alone cannot. Its parameter is the largest pixel error of a
+stream whose every tile has a layer (-1 when some tile has none).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from codec.learned import (
     encode_image,
 )
 from codec.metrics import bits_per_pixel
+from codec.near_lossless import ResidualCandidates
 from codec.rate import RateControl
 from codec.refine import DEFAULT_STEPS
 from codec.weights import installed_models, load_model
@@ -34,18 +39,34 @@ from codec.weights import installed_models, load_model
 ADAPTIVE_SUFFIX = "+blocks"
 HALF_RES_SUFFIX = "+half"
 REFINE_SUFFIX = "+refine"
+RESIDUAL_SUFFIX = "+residual"
 
 
 def learned_codec_names() -> list[str]:
     """Every bench name of the installed models: each model id, uniform or adaptive, each
     with and without half-resolution tiles and code refinement."""
-    return [
+    network_only = [
         model + adaptive + half + refine
         for model in installed_models()
         for adaptive in ("", ADAPTIVE_SUFFIX)
         for half in ("", HALF_RES_SUFFIX)
         for refine in ("", REFINE_SUFFIX)
     ]
+    return network_only + [model + RESIDUAL_SUFFIX for model in installed_models()]
+
+
+def learned_codec(name: str) -> RateDistortionCodec:
+    """The bench codec a :func:`learned_codec_names` name stands for."""
+    if name.endswith(RESIDUAL_SUFFIX):
+        return LayeredCodec(name.removesuffix(RESIDUAL_SUFFIX))
+    return LearnedCodec.named(name)
+
+
+def _decode_checked(data: bytes, shape: tuple[int, int], bits_stored: int) -> np.ndarray:
+    decoded = decode_image(data)
+    if decoded.pixels.shape != tuple(shape) or decoded.bits_stored != bits_stored:
+        raise BitstreamError("stream geometry differs from the image's")
+    return decoded.pixels
 
 
 class LearnedCodec(RateDistortionCodec):
@@ -140,10 +161,7 @@ class LearnedCodec(RateDistortionCodec):
         return network + time.perf_counter() - started
 
     def decode(self, data: bytes, shape: tuple[int, int], bits_stored: int) -> np.ndarray:
-        decoded = decode_image(data)
-        if decoded.pixels.shape != tuple(shape) or decoded.bits_stored != bits_stored:
-            raise BitstreamError("stream geometry differs from the image's")
-        return decoded.pixels
+        return _decode_checked(data, shape, bits_stored)
 
     def encode_at_bpp(
         self, image: GrayImage, target_bpp: float, *, tolerance: float = 0.01
@@ -158,6 +176,61 @@ class LearnedCodec(RateDistortionCodec):
             raise RateUnreachable(self.name, target_bpp, achieved, 1)
         mean_iterations = sum(result.tile_iterations) / len(result.tile_iterations)
         return result.data, round(mean_iterations, 2)
+
+
+class LayeredCodec(RateDistortionCodec):
+    """An installed model with a residual layer; the parameter is the largest pixel error."""
+
+    parameter_range: ClassVar[tuple[float, float]] = (0, 65535)
+    integer_parameter: ClassVar[bool] = True
+    rate_rises_with_parameter: ClassVar[bool] = False
+
+    def __init__(self, model_id: str, tile_size: int = DEFAULT_TILE_SIZE) -> None:
+        self.model_id = model_id
+        self.tile_size = tile_size
+        self.name = model_id + RESIDUAL_SUFFIX  # type: ignore[misc]
+        self._last: tuple[GrayImage, ResidualCandidates, float] | None = None  # and seconds
+
+    def parameter_bounds(self, image: GrayImage) -> tuple[float, float]:
+        return (0, image.peak)
+
+    def _candidates(self, image: GrayImage) -> ResidualCandidates:
+        # The bench asks for several rates of one image in a row: run the network once.
+        if self._last is None or self._last[0] is not image:
+            started = time.perf_counter()
+            candidates = ResidualCandidates.for_bpp(image, self.model_id, self.tile_size)
+            self._last = (image, candidates, time.perf_counter() - started)
+        return self._last[1]
+
+    def encode(self, image: GrayImage, parameter: float) -> bytes:
+        return self._candidates(image).stream(int(parameter)).data
+
+    def encode_lossless(self, image: GrayImage) -> bytes:
+        return self.encode(image, 0)
+
+    def encode_seconds(self, image: GrayImage, target_bpp: float, parameter: float) -> float:
+        """What ``radiarc encode --bpp X --residual`` spends: the network once, every tile's
+        layers at every max error of the ladder (coded once, shared by all rates of the
+        image), and a timed allocation."""
+        del parameter
+        candidates = self._candidates(image)
+        assert self._last is not None
+        started = time.perf_counter()
+        candidates.at_bpp(target_bpp)
+        return self._last[2] + candidates.layer_seconds + time.perf_counter() - started
+
+    def decode(self, data: bytes, shape: tuple[int, int], bits_stored: int) -> np.ndarray:
+        return _decode_checked(data, shape, bits_stored)
+
+    def encode_at_bpp(
+        self, image: GrayImage, target_bpp: float, *, tolerance: float = 0.01
+    ) -> tuple[bytes, float]:
+        del tolerance  # the search over max errors is exact
+        result = self._candidates(image).at_bpp(target_bpp)
+        if not result.target_met:
+            achieved = bits_per_pixel(result.n_bytes, image.pixels.size)
+            raise RateUnreachable(self.name, target_bpp, achieved, image.peak)
+        return result.data, float(-1 if result.max_error is None else result.max_error)
 
 
 def learned_codecs() -> dict[str, LearnedCodec]:

@@ -21,8 +21,9 @@ from codec.weights import DEFAULT_MODEL_ID
 class RadiarcCodec(Codec):
     """Learned RNN-Conv compression of one chunk, the chunk being one codec tile.
 
-    Exactly one rate setting: ``iterations``, ``bpp``, ``min_ssim`` or ``min_psnr`` (the last
-    two are floors the encoder checks on decoded pixels); with ``bpp``, ``adaptive=True`` lets
+    Exactly one rate setting: ``iterations``, ``bpp``, ``min_ssim``, ``min_psnr`` (the two
+    floors the encoder checks on decoded pixels) or ``max_error`` (no pixel off by more; 0 is
+    lossless: a residual layer, codec/near_lossless.py); with ``bpp``, ``adaptive=True`` lets
     each 16x16 block stop refining once good enough, and ``half_res=True`` lets the chunk be
     coded at half resolution when that removes more error per byte. ``refine_steps`` spends
     more encoding time for better codes (codec/refine.py); readers need nothing.
@@ -44,6 +45,7 @@ class RadiarcCodec(Codec):
         min_psnr: float | None = None,
         adaptive: bool = False,
         half_res: bool = False,
+        max_error: int | None = None,
         refine_steps: int = 0,
     ) -> None:
         self.settings = ChunkSettings.create(
@@ -56,6 +58,7 @@ class RadiarcCodec(Codec):
             min_psnr=min_psnr,
             adaptive=adaptive,
             half_res=half_res,
+            max_error=max_error,
             refine_steps=refine_steps,
         )
 

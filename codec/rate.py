@@ -33,15 +33,23 @@ class RateControl:
     #: With ``bpp``: tiles may be coded at half resolution where that removes more error per
     #: byte (codec/resolution.py; a format 3 stream when any is).
     half_res: bool = False
+    #: Every pixel within this many levels of the original (0: lossless): network iterations,
+    #: then a residual layer (codec/near_lossless.py; a format 4 stream).
+    max_error: int | None = None
+    #: With ``bpp``: the smallest max error whose layered stream fits (rates above the
+    #: network's reach, up to lossless).
+    residual: bool = False
 
     def __post_init__(self) -> None:
-        chosen = [v for v in (self.iterations, self.bpp, self.min_ssim, self.min_psnr) if v]
-        if len(chosen) != 1:
-            raise ValueError("choose exactly one of iterations, bpp, min_ssim, min_psnr")
+        modes = (self.iterations, self.bpp, self.min_ssim, self.min_psnr, self.max_error)
+        if sum(mode is not None for mode in modes) != 1:
+            raise ValueError("choose exactly one of iterations, bpp, min_ssim, min_psnr, max_error")
         if self.adaptive and self.bpp is None:
             raise ValueError("adaptive (per-block) rate needs a bpp target")
         if self.half_res and self.bpp is None:
             raise ValueError("half-resolution tiles need a bpp target")
+        if self.residual and (self.bpp is None or self.adaptive or self.half_res):
+            raise ValueError("a residual layer for a bpp target needs bpp, without adaptive/half")
         if self.iterations is not None and self.iterations < 1:
             raise ValueError(f"iterations must be at least 1, got {self.iterations}")
         if self.bpp is not None and not 0 < self.bpp < 64:
@@ -50,15 +58,20 @@ class RateControl:
             raise ValueError(f"min_ssim must be in (0, 1), got {self.min_ssim}")
         if self.min_psnr is not None and not 0 < self.min_psnr < 200:
             raise ValueError(f"min_psnr must be in (0, 200) dB, got {self.min_psnr}")
+        if self.max_error is not None and not 0 <= self.max_error < 1 << 16:
+            raise ValueError(f"max_error must be in 0..65535 levels, got {self.max_error}")
 
     def describe(self) -> str:
         if self.iterations is not None:
             return f"iterations={self.iterations}"
         if self.bpp is not None:
             modes = (" adaptive" if self.adaptive else "") + (" half-res" if self.half_res else "")
+            modes += " residual" if self.residual else ""
             return f"bpp<={self.bpp:g}{modes}"
         if self.min_ssim is not None:
             return f"ssim>={self.min_ssim:g}"
+        if self.max_error is not None:
+            return "lossless" if self.max_error == 0 else f"max-error<={self.max_error}"
         return f"psnr>={self.min_psnr:g}"
 
 
@@ -188,10 +201,10 @@ def psnr_from_sse(squared_error: float, pixels: int, peak: int) -> float:
 class FloorCheck:
     """Tiles of a decoded image measured against a quality floor."""
 
-    floor: str  # e.g. "ssim>=0.95"
+    floor: str  # e.g. "ssim>=0.95", "max-error<=2"
     checked: int  # tiles measured (slivers under the SSIM window are not)
-    below: int  # tiles under the floor (beyond the tolerances above)
-    worst: float | None  # the lowest tile score
+    below: int  # tiles that miss it (beyond the tolerances above; any error over a max error)
+    worst: float | None  # the lowest tile score, or the largest tile error
 
     @property
     def met(self) -> bool:
@@ -199,7 +212,7 @@ class FloorCheck:
 
     def describe(self) -> str:
         worst = "" if self.worst is None else f", worst tile {self.worst:.4g}"
-        return f"{self.below} of {self.checked} tiles below {self.floor}{worst}"
+        return f"{self.below} of {self.checked} tiles miss {self.floor}{worst}"
 
 
 def check_floor(
@@ -209,12 +222,22 @@ def check_floor(
     tile_size: int,
     rate: RateControl,
 ) -> FloorCheck | None:
-    """Each ``tile_size`` tile of ``decoded`` against ``rate``'s quality floor; None when
-    ``rate`` sets no floor. What a verifier runs on pixels read back from storage."""
-    if rate.min_ssim is None and rate.min_psnr is None:
+    """Each ``tile_size`` tile of ``decoded`` against ``rate``'s quality floor or max error;
+    None when ``rate`` sets neither. What a verifier runs on pixels read back from storage."""
+    if rate.min_ssim is None and rate.min_psnr is None and rate.max_error is None:
         return None
     if original.shape != decoded.shape:
         raise ValueError(f"shape mismatch: {original.shape} vs {decoded.shape}")
+    if rate.max_error is not None:
+        # A bound, not a score: no tolerance, one pixel over it fails.
+        errors = np.abs(original.astype(np.int64) - decoded.astype(np.int64))
+        largest = [
+            int(errors[top : top + tile_size, left : left + tile_size].max())
+            for top in range(0, errors.shape[0], tile_size)
+            for left in range(0, errors.shape[1], tile_size)
+        ]
+        over = sum(1 for error in largest if error > rate.max_error)
+        return FloorCheck(rate.describe(), len(largest), over, float(max(largest)))
     scores = []
     height, width = original.shape
     for top in range(0, height, tile_size):

@@ -52,6 +52,7 @@ class RadiarcZarrCodec(ArrayBytesCodec):
         min_psnr: float | None = None,
         adaptive: bool = False,
         half_res: bool = False,
+        max_error: int | None = None,
         refine_steps: int = 0,
     ) -> None:
         settings = ChunkSettings.create(
@@ -64,6 +65,7 @@ class RadiarcZarrCodec(ArrayBytesCodec):
             min_psnr=min_psnr,
             adaptive=adaptive,
             half_res=half_res,
+            max_error=max_error,
             refine_steps=refine_steps,
         )
         object.__setattr__(self, "settings", settings)

@@ -104,7 +104,7 @@ def bench(
     """Compare classical and learned codecs at target bit rates: PSNR, SSIM, MS-SSIM, BD-rate."""
     from codec.baselines import BASELINES, RateDistortionCodec
     from codec.bench import PointLog, Skip, load_images, run_bench, write_report
-    from codec.learned_rd import LearnedCodec, learned_codec_names
+    from codec.learned_rd import learned_codec, learned_codec_names
     from storage.images import load_image
 
     names = [name.strip() for name in codecs.split(",") if name.strip()]
@@ -117,7 +117,7 @@ def bench(
     targets = parse_bpps(bpp)
 
     def make(name: str) -> RateDistortionCodec:
-        return BASELINES[name]() if name in BASELINES else LearnedCodec.named(name)
+        return BASELINES[name]() if name in BASELINES else learned_codec(name)
 
     skipped: list[Skip] = []
     paths = expand_image_paths(images)

@@ -40,6 +40,14 @@ def encode(
     min_psnr: Annotated[
         float | None, typer.Option(help="Quality floor: every tile's PSNR (dB) at least this.")
     ] = None,
+    max_error: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Near-lossless: no pixel off by more than this many levels (0: lossless); "
+            "network iterations plus a residual layer (format 4 stream).",
+        ),
+    ] = None,
     model: Annotated[str, typer.Option(help="Model id of the installed weights.")] = (
         DEFAULT_MODEL_ID
     ),
@@ -58,6 +66,13 @@ def encode(
             "removes more error per byte (helps most at 0.125 bpp and below; format 3 stream)."
         ),
     ] = False,
+    residual: Annotated[
+        bool,
+        typer.Option(
+            help="With --bpp: add a residual layer and keep the smallest max pixel error that "
+            "fits: rates above the network's reach (about 1 bpp), up to lossless."
+        ),
+    ] = False,
     refine_steps: Annotated[
         int,
         typer.Option(
@@ -74,11 +89,18 @@ def encode(
     """
     from storage.images import load_image
 
-    if iterations is None and bpp is None and min_ssim is None and min_psnr is None:
+    if (iterations, bpp, min_ssim, min_psnr, max_error) == (None,) * 5:
         iterations = 4
     try:
         rate = RateControl(
-            iterations, bpp, min_ssim, min_psnr, adaptive=adaptive, half_res=half_res
+            iterations,
+            bpp,
+            min_ssim,
+            min_psnr,
+            adaptive=adaptive,
+            half_res=half_res,
+            max_error=max_error,
+            residual=residual,
         )
         image = load_image(src)
         result = encode_image(image, rate, model, tile_size, refine_steps)
@@ -88,15 +110,16 @@ def encode(
     decoded = decode_image(result.data)
     quality = measure(image.pixels, decoded.pixels, image.bits_stored)
     table = Table(title=f"{src.name} -> {dst.name} ({rate.describe()})")
-    columns = ("bytes", "bpp", "PSNR dB", "SSIM", "MS-SSIM", "iterations", "half-res tiles")
-    for column in (*columns, "target met"):
+    columns = ("bytes", "bpp", "PSNR dB", "SSIM", "MS-SSIM", "max error", "iterations")
+    for column in (*columns, "half-res tiles", "target met"):
         table.add_column(column)
     table.add_row(
         str(result.n_bytes),
         f"{bits_per_pixel(result.n_bytes, image.pixels.size):.4f}",
-        f"{quality.psnr:.2f}",
+        "lossless" if quality.max_abs_error == 0 else f"{quality.psnr:.2f}",
         f"{quality.ssim:.4f}",
         "-" if quality.ms_ssim is None else f"{quality.ms_ssim:.4f}",
+        str(quality.max_abs_error),
         f"{min(result.tile_iterations)}-{max(result.tile_iterations)}",
         f"{sum(result.half_res)} of {len(result.tile_iterations)}",
         "yes" if result.target_met else "NO",
@@ -142,15 +165,24 @@ def info(src: Annotated[Path, typer.Argument(help="Radiarc stream.")]) -> None:
         f"{rows}x{cols} tiles of {header.tile_size}, {len(data)} bytes, "
         f"{bits_per_pixel(len(data), header.width * header.height):.4f} bpp"
     )
+    layered = [stream.residual(index) for index in range(len(stream.tiles))]
+    max_errors = sorted({layer[1] for layer in layered if layer is not None})
+    if max_errors:
+        bound = "lossless" if max_errors == [0] else f"max error {'/'.join(map(str, max_errors))}"
+        console.print(
+            f"residual layer on {len(layered) - layered.count(None)} of {len(layered)} tiles: "
+            f"{bound}"
+        )
     table = Table()
-    for column in ("tile", "resolution", "iterations", "bytes per iteration"):
+    for column in ("tile", "resolution", "iterations", "bytes per iteration", "residual bytes"):
         table.add_column(column)
-    for index, segments in enumerate(stream.tiles):
+    for index, (segments, residual) in enumerate(zip(stream.tiles, layered, strict=True)):
         table.add_row(
             str(index),
             "half" if stream.is_half_res(index) else "full",
             str(len(segments)),
             " ".join(str(len(s)) for s in segments),
+            "-" if residual is None else str(len(residual[0])),
         )
     console.print(table)
 

@@ -70,6 +70,7 @@ def flag_overrides(
     bpp: float | None = None,
     min_ssim: float | None = None,
     min_psnr: float | None = None,
+    max_error: int | None = None,
     adaptive: bool = False,
     half_res: bool = False,
     workers: int | None = None,
@@ -84,10 +85,12 @@ def flag_overrides(
 ) -> dict[str, Any]:
     """Nested settings from the flags that were given (the others leave env/file values)."""
     rates = {"iterations": iterations, "bpp": bpp, "min_ssim": min_ssim, "min_psnr": min_psnr}
+    rates["max_error"] = max_error
     given = {key: value for key, value in rates.items() if value is not None}
     if len(given) > 1:
+        flags = ", ".join(f"--{key.replace('_', '-')}" for key in given)
         raise typer.BadParameter(
-            f"choose one of --iterations, --bpp, --min-ssim, --min-psnr (got {', '.join(given)})"
+            f"choose one of --iterations, --bpp, --min-ssim, --min-psnr, --max-error (got {flags})"
         )
     overrides: dict[str, Any] = {}
     codec: dict[str, Any] = {}
@@ -210,6 +213,14 @@ def migrate(
             "the most error."
         ),
     ] = None,
+    max_error: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Near-lossless archive: no pixel off by more than this many levels, 0 for "
+            "lossless (network iterations plus a residual layer; readers need nothing new).",
+        ),
+    ] = None,
     adaptive: Annotated[
         bool,
         typer.Option(
@@ -271,6 +282,7 @@ def migrate(
         bpp=bpp,
         min_ssim=min_ssim,
         min_psnr=min_psnr,
+        max_error=max_error,
         adaptive=adaptive,
         half_res=half_res,
         workers=workers,

@@ -79,12 +79,20 @@ class RateSettings(_Section):
         description="With bpp: a tile may be coded at half resolution and upsampled where that "
         "removes more error per byte (better quality at ~0.125 bpp; 1.25x the encoding work).",
     )
+    max_error: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Near-lossless: no pixel off by more than this many levels, 0 for lossless "
+        "(network iterations plus a residual layer).",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RateSettings:
-        chosen = [v for v in (self.iterations, self.bpp, self.min_ssim, self.min_psnr) if v]
+        modes = (self.iterations, self.bpp, self.min_ssim, self.min_psnr, self.max_error)
+        chosen = [v for v in modes if v is not None]
         if len(chosen) > 1:
-            raise ValueError("choose one of iterations, bpp, min_ssim, min_psnr")
+            raise ValueError("choose one of iterations, bpp, min_ssim, min_psnr, max_error")
         if self.adaptive and self.bpp is None:
             raise ValueError("adaptive (per-block) rate needs a bpp target")
         if self.half_res and self.bpp is None:
@@ -101,6 +109,7 @@ class RateSettings(_Section):
             self.min_psnr,
             adaptive=self.adaptive,
             half_res=self.half_res,
+            max_error=self.max_error,
         )
 
 

@@ -33,7 +33,7 @@ import zarr
 from fsspec import AbstractFileSystem
 
 from codec import bitstream
-from codec.chunk import CODEC_ID, RATE_KEYS, installed_weights_hash
+from codec.chunk import CODEC_ID, installed_weights_hash, rate_config
 from codec.io import GrayImage
 from codec.metrics import bits_per_pixel, measure
 from codec.rate import RateControl, check_floor
@@ -97,7 +97,7 @@ class ArchiveSettings:
             raise ValueError("shard_tiles must be at least 1")
 
     def serializer(self, bits_stored: int) -> RadiarcZarrCodec:
-        rate = {key: getattr(self.rate, key) for key in RATE_KEYS if getattr(self.rate, key)}
+        rate = rate_config(self.rate)
         return RadiarcZarrCodec(
             model_id=self.model_id,
             bits_stored=bits_stored,
@@ -114,9 +114,7 @@ class ArchiveSettings:
             "tile_size": self.tile_size,
             "shard_tiles": self.shard_tiles,
         }
-        config.update(
-            {key: getattr(self.rate, key) for key in RATE_KEYS if getattr(self.rate, key)}
-        )
+        config.update(rate_config(self.rate))
         if self.refine_steps:  # only when used: the codec keys of older archives stay the same
             config["refine_steps"] = self.refine_steps
         return config

@@ -17,7 +17,9 @@ compressed image:
   (121320, DCM, "Uncompressed predecessor"), or 121330 "Lossy compressed predecessor" when
   the source already was.
 
-Study and series UIDs stay those of the original (the export belongs with it).
+Study and series UIDs stay those of the original (the export belongs with it). An instance
+archived losslessly (``radiarc migrate --max-error 0``; its recorded max abs error is 0) is
+exported as the original instance: same SOP Instance UID, nothing marked lossy or derived.
 
 Before anything is written, the array's chunk objects are read once and hashed: if they no
 longer match the SHA-256 recorded when the instance was archived (``radiarc.stored``), the
@@ -147,24 +149,30 @@ def export_dataset(
 
     _remove_group_lengths(dataset)
     _set_pixels(dataset, pixels, facts)
-    ratio = quality.get("ratio")
-    _mark_lossy(dataset, ratio)
-    _mark_derived(dataset, original_uid, was_lossy, _description(codec, quality))
-    new_uid = UID(
-        derived_uid(
-            original_uid,
-            codec["model_id"],
-            codec["weights_hash"],
-            codec["codec_key"],
-            prefix=uid_prefix,
+    if quality.get("max_abs_error") == 0 and original_uid:
+        # Archived losslessly (`--max-error 0`), verified pixel for pixel when written: the
+        # pixels are the original's, so this is the original instance, as after any lossless
+        # transfer syntax; there is no lossy compression or derivation to record.
+        new_uid = UID(original_uid)
+    else:
+        ratio = quality.get("ratio")
+        _mark_lossy(dataset, ratio)
+        _mark_derived(dataset, original_uid, was_lossy, _description(codec, quality))
+        new_uid = UID(
+            derived_uid(
+                original_uid,
+                codec["model_id"],
+                codec["weights_hash"],
+                codec["codec_key"],
+                prefix=uid_prefix,
+            )
         )
-    )
+        now = datetime.now(UTC)  # a new instance (the original one keeps its own dates)
+        dataset.InstanceCreationDate = now.strftime("%Y%m%d")
+        dataset.InstanceCreationTime = now.strftime("%H%M%S")
     dataset.SOPInstanceUID = new_uid
     if "SOPClassUID" not in dataset:
         dataset.SOPClassUID = SecondaryCaptureImageStorage
-    now = datetime.now(UTC)
-    dataset.InstanceCreationDate = now.strftime("%Y%m%d")
-    dataset.InstanceCreationTime = now.strftime("%H%M%S")
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = dataset.SOPClassUID
@@ -242,7 +250,7 @@ def _description(codec: dict[str, Any], quality: dict[str, Any]) -> str:
         next(
             (
                 f"{key}={codec[key]}"
-                for key in ("iterations", "bpp", "min_ssim", "min_psnr")
+                for key in ("iterations", "bpp", "min_ssim", "min_psnr", "max_error")
                 if key in codec
             ),
             "",

@@ -140,7 +140,7 @@ def test_quality_floor_is_checked_per_tile() -> None:
     damaged[40:, 40:] = 0  # one tile ruined
     check = check_floor(original, damaged, 8, 32, RateControl(min_ssim=0.9))
     assert check is not None and (check.checked, check.below) == (4, 1)
-    assert check.describe().startswith("1 of 4 tiles below ssim>=0.9")
+    assert check.describe().startswith("1 of 4 tiles miss ssim>=0.9")
 
 
 def test_encoder_archives_a_batch_in_process(tmp_path: Path) -> None:

@@ -229,3 +229,20 @@ def test_cli_export_from_s3(s3_bucket: tuple[str, dict[str, str]], tmp_path: Pat
         exported.Rows == 48
         and exported.SourceImageSequence[0].ReferencedSOPInstanceUID == row.sop_instance_uid
     )
+
+
+def test_a_lossless_archive_exports_the_original_instance(tmp_path: Path) -> None:
+    """Archived with ``max_error=0``: the export is the original SOP instance with its exact
+    pixels, nothing marked lossy or derived."""
+    archive = Archive(str(tmp_path / "archive.zarr"))
+    settings = ArchiveSettings(rate=RateControl(max_error=0))
+    row = archive_instance(archive, read_uri(str(MONO1)), settings, CONTEXT)
+    assert row.status == "archived" and row.max_abs_error == 0, row.reason
+    out = tmp_path / "lossless.dcm"
+    export_dicom(archive.uri, str(row.sop_instance_uid), str(out))
+    exported, original = read_back(out), read_dicom(MONO1)
+    assert exported.SOPInstanceUID == original.header.SOPInstanceUID
+    assert exported.file_meta.MediaStorageSOPInstanceUID == exported.SOPInstanceUID
+    np.testing.assert_array_equal(exported.pixel_array, original.image.pixels)
+    assert_header_kept(original.header, exported)
+    assert "LossyImageCompression" not in exported and "DerivationCodeSequence" not in exported

@@ -55,6 +55,12 @@ def test_flags_beat_environment_beats_file(
     assert half.codec.archive_settings().codec_config()["half_res"] is True
     assert half.codec.archive_settings().serializer(12).settings.rate.half_res
     assert "half_res" not in flagged.codec.archive_settings().codec_config()
+    lossless = MigrationSettings.load(config_file, flag_overrides(max_error=0))
+    assert lossless.codec.rate.control().describe() == "lossless"
+    assert lossless.codec.rate.min_ssim is None  # the flag replaces the file's floor
+    assert lossless.codec.archive_settings().codec_config()["max_error"] == 0
+    assert lossless.codec.archive_settings().serializer(12).settings.rate.max_error == 0
+    assert "max_error" not in flagged.codec.archive_settings().codec_config()
     refined = MigrationSettings.load(config_file, flag_overrides(refine_steps=8))
     assert refined.codec.archive_settings().codec_config()["refine_steps"] == 8
     assert "refine_steps" not in flagged.codec.archive_settings().codec_config()
@@ -115,6 +121,7 @@ def test_migrate_and_demo_help() -> None:
         "--bpp",
         "--adaptive",
         "--half-res",
+        "--max-error",
         "--refine-steps",
         "--workers",
         "--gpus-per-worker",
@@ -137,6 +144,9 @@ def test_conflicting_or_invalid_flags_stop_before_any_work(tmp_path: Path) -> No
     assert alone.exit_code == 2 and "--adaptive needs --bpp" in alone.output
     half = runner.invoke(app, ["migrate", "src", str(tmp_path / "a"), "--half-res"])
     assert half.exit_code == 2 and "--half-res needs --bpp" in half.output
+    bound = ["migrate", "src", str(tmp_path / "a"), "--max-error", "0", "--bpp", "1"]
+    clash = runner.invoke(app, bound, terminal_width=200)
+    assert clash.exit_code == 2 and "(got --bpp, --max-error)" in clash.output
     bad = runner.invoke(app, ["migrate", "src", str(tmp_path / "a"), "--workers", "0"])
     assert bad.exit_code == 2 and "invalid settings" in bad.output
     assert not (tmp_path / "a").exists()

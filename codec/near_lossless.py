@@ -1,0 +1,205 @@
+"""Streams whose every pixel is within D of the original: network iterations, then a residual
+layer (:mod:`codec.residual`); D = 0 is lossless.
+
+Per tile, the network's first ``k`` iterations predict and the layer codes what they leave with
+a step of ``2D + 1``. Which ``k`` is cheapest depends on the tile and on D: near lossless the
+residual is mostly noise that more iterations barely shrink, so their bits buy little (on a
+15-bit radiograph two to four iterations win; docs/codec.md). The encoder codes the layer on
+each ``k`` in :data:`BASE_ITERATIONS` and keeps the smallest tile. The residual is taken against
+the decoder's own pixels (:func:`codec.learned.decode_tile`, one tile per network call on one
+thread, as every reader runs it), so the bound holds for what readers get.
+
+A bpp target gives each tile whichever coding removes the most squared error per byte: the
+network's iterations alone (best at the lowest rates) or a residual layer with some D on its
+cheapest base; a stream may mix them, and its layers may have different bounds. This reaches the
+rates a 10-iteration network cannot (2-4 bpp on high-bit DICOMs) and, from about 0.25 bpp on
+chest radiographs, beats the network alone (docs/codec.md, "Stop 11").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from codec import bitstream
+from codec.bitstream import Stream, leb128_size, pixels_crc
+from codec.io import GrayImage
+from codec.learned import (
+    DEFAULT_TILE_SIZE,
+    EncodeResult,
+    TileCandidates,
+    decode_tile,
+    encode_candidates,
+)
+from codec.rate import Ladder, allocate_ladders
+from codec.residual import encode_residual, quantize, reconstruct
+from codec.tile_threads import map_tiles
+from codec.weights import DEFAULT_MODEL_ID, load_model
+
+BASE_ITERATIONS = (1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class _LayeredTile:
+    iterations: int
+    residual: bytes
+    max_error: int
+    pixel_crc: int  # of the pixels the tile decodes to
+    squared_error: float
+    #: Bytes the tile adds to a version 4 container whose table already holds a one-byte
+    #: residual length and max error for it: segments, their lengths, the layer, and any
+    #: longer LEB128 fields.
+    size: int
+
+
+def ladder_max_errors(peak: int) -> list[int]:
+    """The max errors a bpp target chooses among, loosest first: steps of about sqrt(2) from
+    0 to an eighth of the peak (looser bounds cost more than the network's own iterations)."""
+    errors = {0} | {round(2 ** (i / 2)) for i in range(2 * peak.bit_length())}
+    return sorted((e for e in errors if e <= max(peak // 8, 1)), reverse=True)
+
+
+@dataclass
+class ResidualCandidates:
+    """An image's tiles coded by the network, and the pixels a reader gets after each of
+    :data:`BASE_ITERATIONS`: a stream for any D is a residual layer on one of them per tile."""
+
+    image: GrayImage
+    candidates: TileCandidates
+    bases: list[list[np.ndarray]]  # per tile, the decoded pixels after each base iteration count
+    base_iterations: tuple[int, ...]
+    _layered: dict[tuple[int, int], _LayeredTile] = field(default_factory=dict)
+    layer_seconds: float = 0.0  # spent coding residual layers so far (each tile and D once)
+
+    @classmethod
+    def encode(
+        cls,
+        image: GrayImage,
+        model_id: str = DEFAULT_MODEL_ID,
+        tile_size: int = DEFAULT_TILE_SIZE,
+        base_iterations: Sequence[int] = BASE_ITERATIONS,
+        network_iterations: int | None = None,
+    ) -> ResidualCandidates:
+        """Code every tile to ``network_iterations`` (default: the most base iterations; for
+        a bpp target, which also weighs the network alone, :meth:`for_bpp` codes as many as
+        the model was trained for) and decode each base as readers will."""
+        loaded = load_model(model_id)
+        counts = tuple(sorted(set(base_iterations)))
+        if not counts or counts[0] < 1 or counts[-1] > loaded.model.config.max_iterations:
+            raise ValueError(f"base iterations {base_iterations} outside {model_id}'s range")
+        coded = max(network_iterations or counts[-1], counts[-1])
+        candidates = encode_candidates(image, coded, model_id, tile_size)
+        header = candidates.header
+
+        def decoded(index: int) -> list[np.ndarray]:
+            segments = candidates.tiles[index].segments[: counts[-1]]
+            every = decode_tile(loaded, header, candidates.boxes[index], False, segments, True)
+            return [every[k - 1] for k in counts]
+
+        bases = map_tiles(decoded, list(range(len(candidates.boxes))))
+        return cls(image, candidates, bases, counts)
+
+    @classmethod
+    def for_bpp(
+        cls, image: GrayImage, model_id: str = DEFAULT_MODEL_ID, tile_size: int = DEFAULT_TILE_SIZE
+    ) -> ResidualCandidates:
+        """Candidates for :meth:`at_bpp`: the network ladder to its trained iterations."""
+        trained = load_model(model_id).trained_iterations
+        return cls.encode(image, model_id, tile_size, network_iterations=trained)
+
+    def _tile(self, index: int, max_error: int) -> _LayeredTile:
+        """The tile's smallest coding: the base iterations after which the layer costs least."""
+        if (index, max_error) in self._layered:
+            return self._layered[index, max_error]
+        started = time.perf_counter()
+        box = self.candidates.boxes[index]
+        original = self.image.pixels[box.slices].astype(np.int64)
+        segments = self.candidates.tiles[index].segments
+        # (size, iterations, base pixels, indices, layer) of the cheapest base so far
+        best: tuple[int, int, np.ndarray, np.ndarray, bytes] | None = None
+        for k, base in zip(self.base_iterations, self.bases[index], strict=True):
+            indices = quantize(original - base, max_error)
+            residual = encode_residual(indices)
+            size = sum(len(s) + leb128_size(len(s)) for s in segments[:k]) + len(residual)
+            size += leb128_size(len(residual)) - 1 + leb128_size(max_error) - 1
+            if best is None or size < best[0]:
+                best = (size, k, base, indices, residual)
+        assert best is not None  # base_iterations is never empty
+        size, k, base, indices, residual = best
+        pixels = reconstruct(base, indices, max_error, self.image.peak)
+        error = float(np.sum((original - pixels) ** 2))
+        tile = _LayeredTile(k, residual, max_error, pixels_crc(pixels), error, size)
+        self._layered[index, max_error] = tile
+        self.layer_seconds += time.perf_counter() - started
+        return tile
+
+    def _overhead(self) -> int:
+        """The version 4 container with no segments and one-byte layer fields per tile."""
+        tiles = len(self.candidates.boxes)
+        empty = Stream(
+            self.candidates.header,
+            [[] for _ in range(tiles)],
+            residuals=[b"\0"] * tiles,
+            max_errors=[0] * tiles,
+            pixel_crcs=[0] * tiles,
+        )
+        return len(bitstream.pack(empty)) - tiles
+
+    def _pack(self, picks: list[tuple[int, _LayeredTile | None]]) -> bytes:
+        """A stream in which tile ``i`` keeps ``picks[i] = (iterations, layer or None)``."""
+        segments = [t.segments[:k] for t, (k, _) in zip(self.candidates.tiles, picks, strict=True)]
+        if all(layer is None for _, layer in picks):
+            return bitstream.pack(Stream(self.candidates.header, segments))
+        stream = Stream(
+            self.candidates.header,
+            segments,
+            residuals=[b"" if layer is None else layer.residual for _, layer in picks],
+            max_errors=[0 if layer is None else layer.max_error for _, layer in picks],
+            pixel_crcs=[0 if layer is None else layer.pixel_crc for _, layer in picks],
+        )
+        return bitstream.pack(stream)
+
+    def stream(self, max_error: int) -> EncodeResult:
+        """The stream in which no pixel is off by more than ``max_error``."""
+        if not 0 <= max_error < self.image.peak + 1:
+            raise ValueError(f"max error must be in 0..{self.image.peak}, got {max_error}")
+        tiles = [self._tile(index, max_error) for index in range(len(self.candidates.boxes))]
+        data = self._pack([(tile.iterations, tile) for tile in tiles])
+        return EncodeResult(data, [tile.iterations for tile in tiles], True, max_error=max_error)
+
+    def ladders(self) -> list[list[Ladder]]:
+        """Per tile, two ways to spend bytes: the network's iterations alone, and residual
+        layers of :func:`ladder_max_errors` (each on its cheapest base)."""
+        errors = ladder_max_errors(self.image.peak)
+        ways = []
+        for index, network in enumerate(self.candidates.ladders(half_res=False)):
+            layers = [self._tile(index, error) for error in errors]
+            totals = [layer.size for layer in layers]
+            costs = [b - a for a, b in zip([0, *totals], totals, strict=False)]
+            ways.append([*network, Ladder(costs, [layer.squared_error for layer in layers])])
+        return ways
+
+    def at_bpp(self, bpp: float) -> EncodeResult:
+        """The stream that fits ``bpp`` with the least squared error, each tile coded by the
+        network alone or with a residual layer, whichever the bytes buy more with (the
+        allocation of :func:`codec.rate.allocate_ladders`). ``max_error`` is the largest
+        layer's bound when every tile has one."""
+        budget = int(bpp * self.image.pixels.size / 8)
+        ladders = self.ladders()
+        picks = allocate_ladders(ladders, budget - self._overhead())
+        errors = ladder_max_errors(self.image.peak)
+        chosen: list[tuple[int, _LayeredTile | None]] = []
+        for index, (way, step) in enumerate(picks):
+            if way == len(ladders[index]) - 1:
+                layer = self._tile(index, errors[step - 1])
+                chosen.append((layer.iterations, layer))
+            else:
+                chosen.append((step, None))
+        data = self._pack(chosen)
+        layers = [layer for _, layer in chosen if layer is not None]
+        max_error = max(layer.max_error for layer in layers) if len(layers) == len(chosen) else None
+        iterations = [k for k, _ in chosen]
+        return EncodeResult(data, iterations, len(data) <= budget, max_error=max_error)

@@ -1,0 +1,273 @@
+"""The residual layer: exact index coding, the max-error bound and lossless decoding on real
+radiographs, format 4 streams (prefixes, regions, corruption), bpp search, CLI and bench."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from codec import bitstream
+from codec.bitstream import BitstreamError
+from codec.chunk import encode_chunks, parse_envelope
+from codec.entropy import EntropyCodingError
+from codec.io import GrayImage, read_png
+from codec.learned import decode_image, encode_candidates, encode_image
+from codec.learned_rd import LayeredCodec, learned_codec, learned_codec_names
+from codec.metrics import bits_per_pixel
+from codec.near_lossless import ResidualCandidates, ladder_max_errors
+from codec.numcodecs_codec import RadiarcCodec
+from codec.rate import RateControl
+from codec.residual import MAX_INDEX, decode_residual, encode_residual, quantize, reconstruct
+from codec.weights import DEFAULT_MODEL_ID
+from codec.zarr_codec import RadiarcZarrCodec
+from flows.cli import app
+from storage.dicom import read_dicom
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def odd_crop(chest_xray: GrayImage) -> GrayImage:
+    """A 150x230 crop: with 64-pixel tiles, edge tiles of 22 and 38 pixels."""
+    return GrayImage(np.ascontiguousarray(chest_xray.pixels[500:650, 300:530]), 8)
+
+
+@pytest.fixture(scope="module")
+def ten_bit(data_dir: Path) -> GrayImage:
+    """The real 10-bit CR chest (MONOCHROME1), 440x440."""
+    return read_dicom(data_dir / "CR-MONO1-10-chest.dcm").image
+
+
+@pytest.fixture(scope="module")
+def layered_10bit(ten_bit: GrayImage) -> ResidualCandidates:
+    return ResidualCandidates.encode(ten_bit, tile_size=128)
+
+
+@pytest.mark.parametrize(
+    ("shape", "scale"),
+    [((64, 64), 2.0), ((37, 100), 400.0), ((1, 1), 0.0), ((3, 5), 0.0), ((40, 40), 30000.0)],
+)
+def test_indices_round_trip_exactly(shape: tuple[int, int], scale: float) -> None:
+    rng = np.random.default_rng(int(scale) + shape[0])
+    indices = np.clip(np.rint(rng.laplace(0, scale or 1e-9, shape)), -MAX_INDEX, MAX_INDEX)
+    indices = indices.astype(np.int64)
+    assert np.array_equal(decode_residual(encode_residual(indices), shape), indices)
+
+
+def test_extreme_indices_round_trip_and_larger_ones_are_refused() -> None:
+    indices = np.array([[MAX_INDEX, -MAX_INDEX, 0], [1, -1, 65535]], dtype=np.int64)
+    assert np.array_equal(decode_residual(encode_residual(indices), (2, 3)), indices)
+    with pytest.raises(ValueError, match="within"):
+        encode_residual(indices + MAX_INDEX)
+
+
+def test_coding_cost_tracks_the_entropy_of_the_indices() -> None:
+    """Laplacian indices of scale 3 cost about their entropy (~4.0 bits), not 16 bits each."""
+    indices = np.rint(np.random.default_rng(1).laplace(0, 3.0, (256, 256))).astype(np.int64)
+    _, counts = np.unique(indices, return_counts=True)
+    entropy = float(-(counts / counts.sum() * np.log2(counts / counts.sum())).sum())
+    bits = len(encode_residual(indices)) * 8 / indices.size
+    assert entropy < bits < entropy + 0.15, (entropy, bits)
+
+
+@pytest.mark.parametrize("max_error", [0, 1, 7, 300])
+def test_quantization_never_exceeds_the_max_error(max_error: int) -> None:
+    rng = np.random.default_rng(max_error)
+    original = rng.integers(0, 1024, (50, 60))
+    base = np.clip(original + rng.integers(-700, 700, original.shape), 0, 1023).astype(np.uint16)
+    indices = quantize(original - base.astype(np.int64), max_error)
+    restored = reconstruct(base, indices, max_error, 1023)
+    assert np.abs(restored.astype(np.int64) - original).max() <= max_error
+    assert restored.dtype == np.uint16 and restored.max() <= 1023
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=300))
+def test_random_bytes_raise_only_the_entropy_error(data: bytes) -> None:
+    try:
+        indices = decode_residual(data, (9, 13))
+    except EntropyCodingError:
+        return
+    assert indices.shape == (9, 13) and np.abs(indices).max() <= MAX_INDEX
+
+
+def test_truncated_or_extended_segments_are_refused() -> None:
+    indices = np.rint(np.random.default_rng(2).laplace(0, 5.0, (32, 32))).astype(np.int64)
+    segment = encode_residual(indices)
+    for broken in (segment[:-1], segment[: len(segment) // 2], segment + b"\x00"):
+        with pytest.raises(EntropyCodingError):
+            decode_residual(broken, (32, 32))
+
+
+def test_lossless_on_a_real_8_bit_radiograph(odd_crop: GrayImage) -> None:
+    result = encode_image(odd_crop, RateControl(max_error=0), tile_size=64)
+    assert result.data[4] == bitstream.RESIDUAL_VERSION and result.max_error == 0
+    assert np.array_equal(decode_image(result.data).pixels, odd_crop.pixels)
+    # Smaller than the raw pixels: the network's prediction and the layer's coding both work.
+    assert bits_per_pixel(result.n_bytes, odd_crop.pixels.size) < 6.0
+
+
+def test_max_error_bounds_every_pixel_of_a_real_10_bit_dicom(
+    ten_bit: GrayImage, layered_10bit: ResidualCandidates
+) -> None:
+    lossless = layered_10bit.stream(0)
+    assert np.array_equal(decode_image(lossless.data).pixels, ten_bit.pixels)
+    previous = lossless.n_bytes
+    for max_error in (1, 4, 16):
+        result = layered_10bit.stream(max_error)
+        decoded = decode_image(result.data).pixels.astype(np.int64)
+        assert np.abs(decoded - ten_bit.pixels).max() <= max_error
+        assert result.n_bytes < previous  # a looser bound costs fewer real bytes
+        previous = result.n_bytes
+
+
+def test_prefixes_drop_the_layer_and_regions_decode_alone(ten_bit: GrayImage) -> None:
+    result = ResidualCandidates.encode(ten_bit, tile_size=128, base_iterations=(3,)).stream(2)
+    full = decode_image(result.data).pixels
+    region = ((100, 300), (50, 260))
+    alone = decode_image(result.data, region=region).pixels
+    assert np.array_equal(alone, full[100:300, 50:260])
+    # One iteration: every tile coded with more loses its layer, so the bound no longer holds.
+    assert result.tile_iterations == [3] * 16
+    prefix = bitstream.keep_iterations(result.data, 1)
+    assert bitstream.unpack(prefix).residuals == [] and prefix[4] == bitstream.FORMAT_VERSION
+    assert np.array_equal(decode_image(prefix).pixels, decode_image(result.data, 1).pixels)
+    assert np.abs(decode_image(prefix).pixels.astype(np.int64) - ten_bit.pixels).max() > 2
+    # Keeping every iteration keeps the layer and the stream.
+    assert bitstream.keep_iterations(result.data, max(result.tile_iterations)) == result.data
+
+
+def test_a_corrupt_layer_is_caught_by_the_tile_checksum(layered_10bit: ResidualCandidates) -> None:
+    data = bytearray(layered_10bit.stream(3).data)
+    data[-5] ^= 0x10  # in the last tile's residual segment
+    with pytest.raises(BitstreamError, match="checksum"):
+        decode_image(bytes(data))
+    with pytest.raises(BitstreamError, match=r"truncated|payload"):
+        decode_image(bytes(data[:-7]))
+
+
+def _squared_error(data: bytes, image: GrayImage) -> float:
+    return float(np.sum((decode_image(data).pixels.astype(np.float64) - image.pixels) ** 2))
+
+
+def test_bpp_target_mixes_network_and_layers_better_than_either_alone(
+    ten_bit: GrayImage,
+) -> None:
+    """Each tile is coded by the network alone or with a residual layer, whichever its bytes
+    buy more with: on real bytes and decoded pixels the mix fits the budget and leaves no more
+    error than the network alone or one max error for every tile (within the greedy
+    allocation's slack)."""
+    layered = ResidualCandidates.for_bpp(ten_bit, tile_size=128)
+    network = encode_candidates(ten_bit, None, tile_size=128)
+    errors = ladder_max_errors(ten_bit.peak)
+    for bpp in (0.5, 1.5, 3.0):
+        budget = bpp * ten_bit.pixels.size / 8
+        mixed = layered.at_bpp(bpp)
+        assert mixed.target_met and mixed.n_bytes <= budget
+        alone = network.select(RateControl(bpp=bpp))
+        uniform = [layered.stream(e) for e in errors if layered.stream(e).n_bytes <= budget]
+        rivals = [_squared_error(alone.data, ten_bit)] if alone.target_met else []
+        rivals += [_squared_error(uniform[-1].data, ten_bit)] if uniform else []
+        assert rivals and _squared_error(mixed.data, ten_bit) <= 1.02 * min(rivals)
+    high = layered.at_bpp(3.0)
+    assert high.max_error is not None  # every tile has a layer this high
+    assert np.abs(decode_image(high.data).pixels.astype(np.int64) - ten_bit.pixels).max() <= (
+        high.max_error
+    )
+    assert not layered.at_bpp(0.01).target_met
+
+
+def test_rate_control_accepts_the_modes_alone() -> None:
+    assert RateControl(max_error=0).describe() == "lossless"
+    assert RateControl(bpp=2.0, residual=True).describe() == "bpp<=2 residual"
+    for wrong in (
+        {"max_error": 2, "bpp": 1.0},
+        {"max_error": -1},
+        {"iterations": 3, "residual": True},
+        {"bpp": 1.0, "residual": True, "adaptive": True},
+    ):
+        with pytest.raises(ValueError):
+            RateControl(**wrong)  # type: ignore[arg-type]
+
+
+def test_cli_lossless_round_trip_and_info(tmp_path: Path, data_dir: Path) -> None:
+    stream, output = tmp_path / "mono1.rdrc", tmp_path / "mono1.png"
+    source = data_dir / "CR-MONO1-10-chest.dcm"
+    encoded = runner.invoke(app, ["encode", str(source), str(stream), "--max-error", "0"])
+    assert encoded.exit_code == 0, encoded.output
+    assert runner.invoke(app, ["decode", str(stream), str(output)]).exit_code == 0
+    assert np.array_equal(read_png(output, bits_stored=10).pixels, read_dicom(source).image.pixels)
+    described = runner.invoke(app, ["info", str(stream)])
+    assert "format version 4" in described.output
+    assert "residual layer on 1 of 1 tiles: lossless" in described.output
+    refused = runner.invoke(app, ["encode", str(source), str(stream), "--residual"])
+    assert refused.exit_code == 2 and "residual" in refused.output
+
+
+def test_bench_codec_meets_high_rates(ten_bit: GrayImage) -> None:
+    name = DEFAULT_MODEL_ID + "+residual"
+    assert name in learned_codec_names()
+    codec = learned_codec(name)
+    assert isinstance(codec, LayeredCodec)
+    codec.tile_size = 128
+    data, max_error = codec.encode_at_bpp(ten_bit, 3.0)
+    assert bits_per_pixel(len(data), ten_bit.pixels.size) <= 3.0
+    decoded = codec.decode(data, ten_bit.pixels.shape, 10)
+    assert np.abs(decoded.astype(np.int64) - ten_bit.pixels).max() <= max_error
+    assert np.array_equal(
+        codec.decode(codec.encode_lossless(ten_bit), (440, 440), 10), ten_bit.pixels
+    )
+
+
+def test_lossless_chunks_read_back_exactly_with_plain_zarr(
+    chest_xray: GrayImage, tmp_path: Path
+) -> None:
+    """``max_error`` in the codec config (written even when 0): every chunk is a format 4
+    stream, the actors' batch path codes the same bytes, and ``zarr.open`` reads the pixels
+    back exactly (0) or within the bound (2)."""
+    pixels = chest_xray.pixels[300:492, 200:392].copy()  # 2x2 chunks of 96
+    for max_error in (0, 2):
+        codec = RadiarcCodec(max_error=max_error)
+        assert codec.get_config()["max_error"] == max_error
+        assert RadiarcCodec.from_config(codec.get_config()) == codec
+        chunks = [pixels[:96, :96].copy(), pixels[96:, 96:].copy()]
+        streams = [codec.encode(chunk) for chunk in chunks]
+        assert all(parse_envelope(s)[1][4] == bitstream.RESIDUAL_VERSION for s in streams)
+        batched = encode_chunks(chunks, [codec.settings] * 2, images=[0, 0])
+        assert [encoded.data for encoded in batched] == streams
+
+        store = tmp_path / f"max-error-{max_error}.zarr"
+        array = zarr.create_array(
+            store,
+            shape=pixels.shape,
+            chunks=(96, 96),
+            dtype=np.uint8,
+            serializer=RadiarcZarrCodec(max_error=max_error),
+        )
+        array[:] = pixels
+        read = zarr.open_array(store, mode="r")[:]
+        assert np.abs(read.astype(np.int64) - pixels).max() <= max_error
+        assert max_error or np.array_equal(read, pixels)
+    assert "max_error" not in RadiarcCodec(iterations=3).get_config()  # older configs unchanged
+
+
+def test_a_reader_whose_network_decodes_differently_is_stopped(
+    layered_10bit: ResidualCandidates,
+) -> None:
+    """Each layered tile records the CRC-32 of the pixels its encoder decoded. A reader whose
+    network arithmetic differs (other oneDNN kernels) gets other base pixels: it must refuse
+    rather than return pixels off the bound. Stood in for by a stream whose record differs."""
+    stream = bitstream.unpack(layered_10bit.stream(0).data)
+    crcs = list(stream.pixel_crcs)
+    crcs[5] ^= 1
+    other = bitstream.pack(replace(stream, pixel_crcs=crcs))
+    with pytest.raises(BitstreamError, match="tile 5 decodes to other pixels"):
+        decode_image(other)
+    assert decode_image(other, region=((0, 100), (0, 100))).pixels.shape == (100, 100)
