@@ -550,9 +550,10 @@ def decode_image(
         pixels = reconstruct(pixels, indices, max_error, peak)
         if bitstream.pixels_crc(pixels) != crc:
             raise BitstreamError(
-                f"tile {index} decodes to other pixels than its encoder's: this machine's "
-                "network arithmetic differs from the one that wrote the stream, so its pixels "
-                f"could be off the max error {max_error} (docs/bitstream.md, version 4)"
+                f"tile {index} decodes to other pixels than its encoder's (pixel checksum): "
+                "this machine's network arithmetic differs from the writer's, or the layer was "
+                f"altered; its pixels could be off the max error {max_error} "
+                "(docs/bitstream.md, version 4)"
             )
         return pixels
 

@@ -182,6 +182,31 @@ class ResidualCandidates:
             ways.append([*network, Ladder(costs, [layer.squared_error for layer in layers])])
         return ways
 
+    def _tighten(
+        self, chosen: list[tuple[int, _LayeredTile | None]], budget: int
+    ) -> list[tuple[int, _LayeredTile | None]]:
+        """Spend what the allocation left on bounds between the ladder's steps: lower one
+        layered tile's max error by one level at a time, where that removes the most error per
+        byte, while the stream fits (one large tile, a small image, would otherwise stop a
+        whole sqrt(2) step short of its budget)."""
+        chosen = list(chosen)
+        while True:
+            leftover = budget - len(self._pack(chosen))
+            options = []
+            for index, (_, layer) in enumerate(chosen):
+                if layer is not None and layer.max_error > 0:
+                    tighter = self._tile(index, layer.max_error - 1)
+                    extra, gain = (
+                        tighter.size - layer.size,
+                        layer.squared_error - tighter.squared_error,
+                    )
+                    if extra <= leftover and gain > 0:
+                        options.append((gain / max(extra, 1), index, tighter))
+            if not options:
+                return chosen
+            _, index, tighter = max(options, key=lambda option: option[0])
+            chosen[index] = (tighter.iterations, tighter)
+
     def at_bpp(self, bpp: float) -> EncodeResult:
         """The stream that fits ``bpp`` with the least squared error, each tile coded by the
         network alone or with a residual layer, whichever the bytes buy more with (the
@@ -198,6 +223,7 @@ class ResidualCandidates:
                 chosen.append((layer.iterations, layer))
             else:
                 chosen.append((step, None))
+        chosen = self._tighten(chosen, budget)
         data = self._pack(chosen)
         layers = [layer for _, layer in chosen if layer is not None]
         max_error = max(layer.max_error for layer in layers) if len(layers) == len(chosen) else None

@@ -358,6 +358,8 @@ def codec_seeds() -> tuple[list[bytes], list[bytes]]:
         encode_image(twelve, RateControl(iterations=3), tile_size=32).data,
         # Format 2: blocks that stop refining (segments carry stop flags).
         AdaptiveCandidates(twelve, tile_size=32).select(1.5).data,
+        # Format 4: a residual layer per tile (near-lossless).
+        encode_image(twelve, RateControl(max_error=3), tile_size=32).data,
     ]
     padded = np.zeros((32, 32), dtype=np.uint8)
     padded[:20, :24] = eight.pixels[:20, :24]
@@ -389,8 +391,9 @@ def resealed_streams(draw: st.DrawFn, seeds: Sequence[bytes]) -> bytes:
         "block_stops": header.block_stops,
     }
     tiles = [list(segments) for segments in stream.tiles]
+    residuals, max_errors = list(stream.residuals), list(stream.max_errors)
     kinds = ["geometry", "bits", "channels", "segment", "iterations", "format"]
-    what = draw(st.sampled_from(kinds))
+    what = draw(st.sampled_from(kinds + (["residual", "max error"] if residuals else [])))
     if what == "geometry":
         side = st.integers(1, 96) | st.sampled_from([1, 15, 16, 17, 4096, bitstream.MAX_SIDE])
         fields["height"], fields["width"] = draw(side), draw(side)
@@ -406,6 +409,11 @@ def resealed_streams(draw: st.DrawFn, seeds: Sequence[bytes]) -> bytes:
         if tiles[tile]:
             k = draw(st.integers(0, len(tiles[tile]) - 1))
             tiles[tile][k] = draw(mutated([tiles[tile][k] or b"\0"]) | st.binary(max_size=300))
+    elif what == "residual":
+        tile = draw(st.integers(0, len(tiles) - 1))
+        residuals[tile] = draw(mutated([residuals[tile] or b"\0"]) | st.binary(max_size=300))
+    elif what == "max error":
+        max_errors[draw(st.integers(0, len(tiles) - 1))] = draw(st.integers(0, 1 << 16))
     else:
         tile = draw(st.integers(0, len(tiles) - 1))
         count = draw(st.integers(0, 20))
@@ -416,6 +424,11 @@ def resealed_streams(draw: st.DrawFn, seeds: Sequence[bytes]) -> bytes:
         if new_header.tile_count > 256:  # many small tiles: only slow, legitimate work
             return bitstream.pack(stream)
         grid = [tiles[i % len(tiles)] for i in range(new_header.tile_count)]
+        if residuals and new_header.tile_count == len(tiles):
+            layered = bitstream.Stream(
+                new_header, grid, [], residuals, max_errors, list(stream.pixel_crcs)
+            )
+            return bitstream.pack(layered)
         return bitstream.pack(bitstream.Stream(new_header, grid))
     except (ValueError, struct.error):  # outside what the format can hold: the original
         return bitstream.pack(stream)
