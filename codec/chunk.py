@@ -43,6 +43,7 @@ from codec.learned import (
     encode_image,
     select_within_budget,
 )
+from codec.near_lossless import ResidualCandidates, select_layered
 from codec.rate import RateControl
 from codec.refine import MAX_STEPS
 from codec.tiling import padded_side
@@ -53,10 +54,13 @@ MAGIC = b"RDCK"
 VERSION = 2
 _ENVELOPE = struct.Struct("<4sBIIBH")  # both versions; version 2 adds a CRC-32 after it
 _CRC = struct.Struct("<I")
-# "adaptive" (block stops) and "half_res" (half-resolution tiles), both with bpp, are written
-# only when true, and "max_error" (a residual layer) only when set, so older configs read the
-# same.
-RATE_KEYS = ("iterations", "bpp", "min_ssim", "min_psnr", "adaptive", "half_res", "max_error")
+# "adaptive" (block stops), "half_res" (half-resolution tiles) and "residual" (layered tiles),
+# all with bpp, are written only when true, and "max_error" (a residual layer) only when set,
+# so older configs read the same.
+RATE_KEYS = (
+    *("iterations", "bpp", "min_ssim", "min_psnr"),
+    *("adaptive", "half_res", "max_error", "residual"),
+)
 # zarr decodes chunks on several threads at once; the network already uses every core (or the
 # GPU), so one chunk at a time avoids oversubscription and a double first load of the weights.
 _NETWORK = threading.Lock()
@@ -108,6 +112,7 @@ class ChunkSettings:
         adaptive: bool = False,
         half_res: bool = False,
         max_error: int | None = None,
+        residual: bool = False,
         refine_steps: int = 0,
     ) -> ChunkSettings:
         """Validated settings; without ``weights_hash``, the installed model's."""
@@ -119,6 +124,7 @@ class ChunkSettings:
             adaptive=adaptive,
             half_res=half_res,
             max_error=max_error,
+            residual=residual,
         )
         weights_hash = weights_hash or installed_weights_hash(model_id)
         return cls(model_id, weights_hash, rate, bits_stored, refine_steps)
@@ -245,6 +251,15 @@ def encode_chunks(
         block = GrayImage(np.ascontiguousarray(chunk[:height, :width]), bits)
         groups[(config.model_id, config.rate, config.refine_steps)].append((index, envelope, block))
     for (model_id, rate, refine_steps), members in groups.items():
+        if rate.residual:
+            blocks = [block for _, _, block in members]
+            order = [index for index, _, _ in members]
+            layered = _encode_layered(blocks, model_id, rate, order, images)
+            for (index, envelope, _), result in zip(members, layered, strict=True):
+                results[index] = EncodedChunk(
+                    envelope + result.data, result.tile_iterations[0], result.target_met
+                )
+            continue
         if rate.adaptive or rate.max_error is not None:
             # Each chunk searches its own block-stop threshold, or codes its own residual
             # layer on the decoder's pixels: no batching across chunks.
@@ -272,6 +287,32 @@ def encode_chunks(
                 envelope + result.data, result.tile_iterations[0], result.target_met
             )
     return [result for result in results if result is not None]
+
+
+def _encode_layered(
+    blocks: list[GrayImage],
+    model_id: str,
+    rate: RateControl,
+    indices: list[int],
+    images: Sequence[int] | None,
+) -> list[EncodeResult]:
+    """Chunks under a bpp target with residual layers allowed: each chunk's network run and
+    layers alone, one budget per image when ``images`` groups them (``indices`` are the
+    blocks' places in it)."""
+    with _NETWORK:
+        candidates = [
+            ResidualCandidates.for_bpp(block, model_id, padded_side(max(block.pixels.shape)))
+            for block in blocks
+        ]
+    groups: dict[int, list[int]] = defaultdict(list)
+    for position, index in enumerate(indices):
+        groups[images[index] if images is not None else -1 - position].append(position)
+    selected: list[EncodeResult | None] = [None] * len(blocks)
+    for positions in groups.values():
+        shared = select_layered([candidates[p] for p in positions], rate.bpp or 0.0)
+        for position, result in zip(positions, shared, strict=True):
+            selected[position] = result
+    return [result for result in selected if result is not None]
 
 
 def _select(

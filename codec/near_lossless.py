@@ -148,7 +148,7 @@ class ResidualCandidates:
         )
         return len(bitstream.pack(empty)) - tiles
 
-    def _pack(self, picks: list[tuple[int, _LayeredTile | None]]) -> bytes:
+    def _pack(self, picks: list[_Choice]) -> bytes:
         """A stream in which tile ``i`` keeps ``picks[i] = (iterations, layer or None)``."""
         segments = [t.segments[:k] for t, (k, _) in zip(self.candidates.tiles, picks, strict=True)]
         if all(layer is None for _, layer in picks):
@@ -182,50 +182,80 @@ class ResidualCandidates:
             ways.append([*network, Ladder(costs, [layer.squared_error for layer in layers])])
         return ways
 
-    def _tighten(
-        self, chosen: list[tuple[int, _LayeredTile | None]], budget: int
-    ) -> list[tuple[int, _LayeredTile | None]]:
-        """Spend what the allocation left on bounds between the ladder's steps: lower one
-        layered tile's max error by one level at a time, where that removes the most error per
-        byte, while the stream fits (one large tile, a small image, would otherwise stop a
-        whole sqrt(2) step short of its budget)."""
-        chosen = list(chosen)
-        while True:
-            leftover = budget - len(self._pack(chosen))
-            options = []
-            for index, (_, layer) in enumerate(chosen):
-                if layer is not None and layer.max_error > 0:
-                    tighter = self._tile(index, layer.max_error - 1)
-                    extra, gain = (
-                        tighter.size - layer.size,
-                        layer.squared_error - tighter.squared_error,
-                    )
-                    if extra <= leftover and gain > 0:
-                        options.append((gain / max(extra, 1), index, tighter))
-            if not options:
-                return chosen
-            _, index, tighter = max(options, key=lambda option: option[0])
-            chosen[index] = (tighter.iterations, tighter)
+    def _choices(self, picks: list[tuple[int, int]]) -> list[_Choice]:
+        """The allocator's picks over :meth:`ladders` as tile codings."""
+        errors = ladder_max_errors(self.image.peak)
+        layered_way = len(self.candidates.ladders(half_res=False)[0])  # after the network's
+        choices: list[_Choice] = []
+        for index, (way, step) in enumerate(picks):
+            if way == layered_way:
+                layer = self._tile(index, errors[step - 1])
+                choices.append((layer.iterations, layer))
+            else:
+                choices.append((step, None))
+        return choices
+
+    def _result(self, choices: list[_Choice], fits: bool) -> EncodeResult:
+        layers = [layer for _, layer in choices if layer is not None]
+        bound = max(layer.max_error for layer in layers) if len(layers) == len(choices) else None
+        iterations = [k for k, _ in choices]
+        return EncodeResult(self._pack(choices), iterations, fits, max_error=bound)
 
     def at_bpp(self, bpp: float) -> EncodeResult:
-        """The stream that fits ``bpp`` with the least squared error, each tile coded by the
-        network alone or with a residual layer, whichever the bytes buy more with (the
-        allocation of :func:`codec.rate.allocate_ladders`). ``max_error`` is the largest
-        layer's bound when every tile has one."""
-        budget = int(bpp * self.image.pixels.size / 8)
-        ladders = self.ladders()
-        picks = allocate_ladders(ladders, budget - self._overhead())
-        errors = ladder_max_errors(self.image.peak)
-        chosen: list[tuple[int, _LayeredTile | None]] = []
-        for index, (way, step) in enumerate(picks):
-            if way == len(ladders[index]) - 1:
-                layer = self._tile(index, errors[step - 1])
-                chosen.append((layer.iterations, layer))
-            else:
-                chosen.append((step, None))
-        chosen = self._tighten(chosen, budget)
-        data = self._pack(chosen)
-        layers = [layer for _, layer in chosen if layer is not None]
-        max_error = max(layer.max_error for layer in layers) if len(layers) == len(chosen) else None
-        iterations = [k for k, _ in chosen]
-        return EncodeResult(data, iterations, len(data) <= budget, max_error=max_error)
+        """The stream that fits ``bpp`` with the least squared error (see
+        :func:`select_layered`)."""
+        (result,) = select_layered([self], bpp)
+        return result
+
+
+_Choice = tuple[int, _LayeredTile | None]  # a tile's iterations, and its layer if it has one
+
+
+def select_layered(images: Sequence[ResidualCandidates], bpp: float) -> list[EncodeResult]:
+    """One bpp budget (``bpp`` times all the images' pixels) over several coded images (an
+    image's chunks, each its own stream): each tile coded by the network alone or with a
+    residual layer, whichever the bytes buy more with (the allocation of
+    :func:`codec.rate.allocate_ladders`), then bounds tightened with what is left. A result's
+    ``max_error`` is its largest bound when all its tiles have a layer; ``target_met`` says
+    whether the streams together fit."""
+    budget = int(bpp * sum(image.image.pixels.size for image in images) / 8)
+    ladders = [image.ladders() for image in images]
+    overhead = sum(image._overhead() for image in images)
+    picks = allocate_ladders([tile for image in ladders for tile in image], budget - overhead)
+    choices, start = [], 0
+    for image, tiles in zip(images, ladders, strict=True):
+        choices.append(image._choices(picks[start : start + len(tiles)]))
+        start += len(tiles)
+    choices = _tighten(images, choices, budget)
+    fits = _spent(images, choices) <= budget
+    return [image._result(chosen, fits) for image, chosen in zip(images, choices, strict=True)]
+
+
+def _spent(images: Sequence[ResidualCandidates], choices: list[list[_Choice]]) -> int:
+    return sum(len(image._pack(chosen)) for image, chosen in zip(images, choices, strict=True))
+
+
+def _tighten(
+    images: Sequence[ResidualCandidates], choices: list[list[_Choice]], budget: int
+) -> list[list[_Choice]]:
+    """Spend what the allocation left on bounds between the ladder's steps: lower one layered
+    tile's max error by one level at a time, where that removes the most error per byte, while
+    the streams fit (one large tile, a small image, would otherwise stop a whole sqrt(2) step
+    short of its budget)."""
+    choices = [list(chosen) for chosen in choices]
+    while True:
+        spent = _spent(images, choices)
+        options = []
+        for number, (image, chosen) in enumerate(zip(images, choices, strict=True)):
+            for index, (_, layer) in enumerate(chosen):
+                if layer is None or layer.max_error == 0:
+                    continue
+                tighter = image._tile(index, layer.max_error - 1)
+                extra = tighter.size - layer.size
+                gain = layer.squared_error - tighter.squared_error
+                if spent + extra <= budget and gain > 0:
+                    options.append((gain / max(extra, 1), number, index, tighter))
+        if not options:
+            return choices
+        _, number, index, tighter = max(options, key=lambda option: option[0])
+        choices[number][index] = (tighter.iterations, tighter)

@@ -25,7 +25,8 @@ class RadiarcCodec(Codec):
     floors the encoder checks on decoded pixels) or ``max_error`` (no pixel off by more; 0 is
     lossless: a residual layer, codec/near_lossless.py); with ``bpp``, ``adaptive=True`` lets
     each 16x16 block stop refining once good enough, and ``half_res=True`` lets the chunk be
-    coded at half resolution when that removes more error per byte. ``refine_steps`` spends
+    coded at half resolution when that removes more error per byte, and ``residual=True`` lets
+    it add a residual layer where that does (codec/near_lossless.py). ``refine_steps`` spends
     more encoding time for better codes (codec/refine.py); readers need nothing.
     ``weights_hash`` defaults to the installed model's; encoding refuses other weights,
     decoding follows each stream's header.
@@ -46,6 +47,7 @@ class RadiarcCodec(Codec):
         adaptive: bool = False,
         half_res: bool = False,
         max_error: int | None = None,
+        residual: bool = False,
         refine_steps: int = 0,
     ) -> None:
         self.settings = ChunkSettings.create(
@@ -59,6 +61,7 @@ class RadiarcCodec(Codec):
             adaptive=adaptive,
             half_res=half_res,
             max_error=max_error,
+            residual=residual,
             refine_steps=refine_steps,
         )
 

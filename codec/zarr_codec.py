@@ -53,6 +53,7 @@ class RadiarcZarrCodec(ArrayBytesCodec):
         adaptive: bool = False,
         half_res: bool = False,
         max_error: int | None = None,
+        residual: bool = False,
         refine_steps: int = 0,
     ) -> None:
         settings = ChunkSettings.create(
@@ -66,6 +67,7 @@ class RadiarcZarrCodec(ArrayBytesCodec):
             adaptive=adaptive,
             half_res=half_res,
             max_error=max_error,
+            residual=residual,
             refine_steps=refine_steps,
         )
         object.__setattr__(self, "settings", settings)

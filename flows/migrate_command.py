@@ -73,6 +73,7 @@ def flag_overrides(
     max_error: int | None = None,
     adaptive: bool = False,
     half_res: bool = False,
+    residual: bool = False,
     workers: int | None = None,
     gpus_per_worker: float | None = None,
     cpus_per_worker: float | None = None,
@@ -102,6 +103,10 @@ def flag_overrides(
         if bpp is None:
             raise typer.BadParameter("--half-res needs --bpp (a bit rate to spend tile by tile)")
         given["half_res"] = True
+    if residual:
+        if bpp is None:
+            raise typer.BadParameter("--residual needs --bpp (a bit rate to spend tile by tile)")
+        given["residual"] = True
     if given:
         codec["rate"] = given
     if tile_size is not None:
@@ -235,6 +240,13 @@ def migrate(
             "removes more error per byte (better quality near 0.125 bpp; 1.25x the encoding)."
         ),
     ] = False,
+    residual: Annotated[
+        bool,
+        typer.Option(
+            help="With --bpp: a tile may add a residual layer where that removes more error per "
+            "byte than more iterations (from ~0.25 bpp; rates up to lossless; slower encoding)."
+        ),
+    ] = False,
     workers: Annotated[
         int | None, typer.Option(help="Encoder actors, each holding the model (default 2).")
     ] = None,
@@ -285,6 +297,7 @@ def migrate(
         max_error=max_error,
         adaptive=adaptive,
         half_res=half_res,
+        residual=residual,
         workers=workers,
         gpus_per_worker=gpus_per_worker,
         cpus_per_worker=cpus_per_worker,

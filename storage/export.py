@@ -257,6 +257,7 @@ def _description(codec: dict[str, Any], quality: dict[str, Any]) -> str:
         )
         + (" adaptive" if codec.get("adaptive") else "")
         + (" half-res" if codec.get("half_res") else "")
+        + (" residual" if codec.get("residual") else "")
     )
     psnr = quality.get("psnr")
     parts = [

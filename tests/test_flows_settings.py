@@ -61,6 +61,10 @@ def test_flags_beat_environment_beats_file(
     assert lossless.codec.archive_settings().codec_config()["max_error"] == 0
     assert lossless.codec.archive_settings().serializer(12).settings.rate.max_error == 0
     assert "max_error" not in flagged.codec.archive_settings().codec_config()
+    mixed = MigrationSettings.load(config_file, flag_overrides(bpp=0.5, residual=True))
+    assert mixed.codec.rate.control().describe() == "bpp<=0.5 residual"
+    assert mixed.codec.archive_settings().codec_config()["residual"] is True
+    assert "residual" not in flagged.codec.archive_settings().codec_config()
     refined = MigrationSettings.load(config_file, flag_overrides(refine_steps=8))
     assert refined.codec.archive_settings().codec_config()["refine_steps"] == 8
     assert "refine_steps" not in flagged.codec.archive_settings().codec_config()
@@ -122,6 +126,7 @@ def test_migrate_and_demo_help() -> None:
         "--adaptive",
         "--half-res",
         "--max-error",
+        "--residual",
         "--refine-steps",
         "--workers",
         "--gpus-per-worker",
@@ -145,6 +150,8 @@ def test_conflicting_or_invalid_flags_stop_before_any_work(tmp_path: Path) -> No
     half = runner.invoke(app, ["migrate", "src", str(tmp_path / "a"), "--half-res"])
     assert half.exit_code == 2 and "--half-res needs --bpp" in half.output
     bound = ["migrate", "src", str(tmp_path / "a"), "--max-error", "0", "--bpp", "1"]
+    alone = runner.invoke(app, ["migrate", "src", str(tmp_path / "a"), "--residual"])
+    assert alone.exit_code == 2 and "--residual needs --bpp" in alone.output
     clash = runner.invoke(app, bound, terminal_width=200)
     assert clash.exit_code == 2 and "(got --bpp, --max-error)" in clash.output
     bad = runner.invoke(app, ["migrate", "src", str(tmp_path / "a"), "--workers", "0"])

@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 
 from codec import bitstream
 from codec.bitstream import BitstreamError
-from codec.chunk import encode_chunks, parse_envelope
+from codec.chunk import decode_chunk, encode_chunks, parse_envelope
 from codec.entropy import EntropyCodingError
 from codec.io import GrayImage, read_png
 from codec.learned import decode_image, encode_candidates, encode_image
 from codec.learned_rd import LayeredCodec, learned_codec, learned_codec_names
-from codec.metrics import bits_per_pixel
+from codec.metrics import bits_per_pixel, psnr
 from codec.near_lossless import ResidualCandidates, ladder_max_errors
 from codec.numcodecs_codec import RadiarcCodec
 from codec.rate import RateControl
@@ -271,3 +271,36 @@ def test_a_reader_whose_network_decodes_differently_is_stopped(
     with pytest.raises(BitstreamError, match="tile 5 decodes to other pixels"):
         decode_image(other)
     assert decode_image(other, region=((0, 100), (0, 100))).pixels.shape == (100, 100)
+
+
+def test_residual_chunks_share_an_image_budget_and_read_back_with_plain_zarr(
+    chest_xray: GrayImage, tmp_path: Path
+) -> None:
+    """``residual`` in the codec config: plain zarr budgets each chunk alone; the actors' path
+    (chunks grouped by image) shares the image's budget among its chunks, and both fit."""
+    pixels = chest_xray.pixels[300:492, 200:392].copy()
+    codec = RadiarcCodec(bpp=1.0, residual=True)
+    assert codec.get_config()["residual"] is True
+    assert RadiarcCodec.from_config(codec.get_config()) == codec
+    chunks = [pixels[:96, :96].copy(), pixels[:96, 96:].copy(), pixels[96:, :].copy()]
+    alone = [codec.encode(chunk) for chunk in chunks]
+    assert all(
+        len(parse_envelope(s)[1]) * 8 <= 1.0 * c.size for s, c in zip(alone, chunks, strict=True)
+    )
+    assert [e.data for e in encode_chunks(chunks, [codec.settings] * 3)] == alone
+    shared = encode_chunks(chunks, [codec.settings] * 3, images=[0, 0, 0])
+    coded = sum(len(parse_envelope(e.data)[1]) for e in shared)
+    assert all(e.target_met for e in shared) and coded * 8 <= 1.0 * pixels.size
+
+    store = tmp_path / "residual.zarr"
+    array = zarr.create_array(
+        store,
+        shape=pixels.shape,
+        chunks=(96, 96),
+        dtype=np.uint8,
+        serializer=RadiarcZarrCodec(bpp=1.0, residual=True),
+    )
+    array[:] = pixels
+    read = zarr.open_array(store, mode="r")[:]
+    assert np.array_equal(read[:96, :96], decode_chunk(alone[0]))
+    assert psnr(pixels, read, 8) > 44  # the network alone reaches ~41 dB at 1 bpp
