@@ -209,7 +209,8 @@ def encode_chunk(array: np.ndarray, settings: ChunkSettings) -> bytes:
 
 @dataclass(frozen=True)
 class EncodedChunk:
-    """A chunk stream, the iterations its tile kept (0: a chunk of one value) and whether it
+    """A chunk stream, the iterations its tile kept (0: a chunk of one value, or one its
+    residual layer codes alone) and whether it
     met its rate target or quality floor."""
 
     data: bytes

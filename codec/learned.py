@@ -495,14 +495,17 @@ def decode_tile(
 ) -> list[np.ndarray]:
     """A tile's pixels after its last iteration (or, ``every_iteration``, after each), as
     every reader decodes them: the tile alone in one network call (run it on one intra-op
-    thread, as :func:`codec.tile_threads.map_tiles` does, for the same pixels everywhere)."""
+    thread, as :func:`codec.tile_threads.map_tiles` does, for the same pixels everywhere).
+    With no segments (a tile whose residual layer codes it alone), mid-grey."""
+    peak = peak_value(header.bits_stored)
+    dtype = np.dtype(np.uint8 if header.bits_stored <= 8 else np.uint16)
+    if not segments:
+        return [np.full((box.height, box.width), (peak + 1) // 2, dtype=dtype)]
     padded = TileBox(0, 0, *_coded_shape(box, half_res)).padded_shape
     shape = (header.code_channels, padded[0] // 16, padded[1] // 16)
     codes = _decode_codes(segments, shape, loaded, header.block_stops)
     layers = [torch.from_numpy(code[np.newaxis]).to(model_device(loaded)) for code in codes]
     reconstructions = loaded.model.decompress(layers)
-    peak = peak_value(header.bits_stored)
-    dtype = np.dtype(np.uint8 if header.bits_stored <= 8 else np.uint16)
     pixels = []
     for reconstruction in reconstructions if every_iteration else reconstructions[-1:]:
         if half_res:
@@ -533,8 +536,8 @@ def decode_image(
     dtype = np.dtype(np.uint8 if header.bits_stored <= 8 else np.uint16)
     output = np.zeros((rows[1] - rows[0], cols[1] - cols[0]), dtype=dtype)
     kept = {i: stream.tiles[i][:iterations] if iterations else stream.tiles[i] for i in wanted}
-    if any(not segments for segments in kept.values()):
-        raise BitstreamError("a tile has no iterations")
+    if any(not kept[i] and stream.residual(i) is None for i in wanted):
+        raise BitstreamError("a tile has no iterations and no residual layer")
     most = loaded.model.config.max_iterations
     if any(len(segments) > most for segments in kept.values()):
         raise BitstreamError(f"a tile has more iterations than the model's {most}")

@@ -2,12 +2,15 @@
 layer (:mod:`codec.residual`); D = 0 is lossless.
 
 Per tile, the network's first ``k`` iterations predict and the layer codes what they leave with
-a step of ``2D + 1``. Which ``k`` is cheapest depends on the tile and on D: near lossless the
-residual is mostly noise that more iterations barely shrink, so their bits buy little (on a
-15-bit radiograph two to four iterations win; docs/codec.md). The encoder codes the layer on
-each ``k`` in :data:`BASE_ITERATIONS` and keeps the smallest tile. The residual is taken against
-the decoder's own pixels (:func:`codec.learned.decode_tile`, one tile per network call on one
-thread, as every reader runs it), so the bound holds for what readers get.
+a step of ``2D + 1``. Which ``k`` is cheapest depends on the tile and on D, so the encoder codes
+the layer on each ``k`` in :data:`BASE_ITERATIONS` and keeps the smallest tile. ``k = 0`` (no
+network: the layer codes the tile against mid-grey) is among them because measurement says so:
+the layer's interpolating predictor codes a radiograph losslessly in fewer bits than it codes
+what one network iteration leaves (2.24 against 2.49 bpp on an 8-bit chest X-ray), while near
+lossless (D >= 2) and at bpp targets the network's iterations pay (docs/codec.md, "Stop 11").
+The residual is taken against the decoder's own pixels (:func:`codec.learned.decode_tile`, one
+tile per network call on one thread, as every reader runs it), so the bound holds for what
+readers get.
 
 A bpp target gives each tile whichever coding removes the most squared error per byte: the
 network's iterations alone (best at the lowest rates) or a residual layer with some D on its
@@ -39,7 +42,7 @@ from codec.residual import encode_residual, quantize, reconstruct
 from codec.tile_threads import map_tiles
 from codec.weights import DEFAULT_MODEL_ID, load_model
 
-BASE_ITERATIONS = (1, 2, 3, 4)
+BASE_ITERATIONS = (0, 1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -88,16 +91,17 @@ class ResidualCandidates:
         the model was trained for) and decode each base as readers will."""
         loaded = load_model(model_id)
         counts = tuple(sorted(set(base_iterations)))
-        if not counts or counts[0] < 1 or counts[-1] > loaded.model.config.max_iterations:
+        if not counts or counts[0] < 0 or counts[-1] > loaded.model.config.max_iterations:
             raise ValueError(f"base iterations {base_iterations} outside {model_id}'s range")
-        coded = max(network_iterations or counts[-1], counts[-1])
+        coded = max(network_iterations or counts[-1], counts[-1], 1)
         candidates = encode_candidates(image, coded, model_id, tile_size)
         header = candidates.header
 
         def decoded(index: int) -> list[np.ndarray]:
-            segments = candidates.tiles[index].segments[: counts[-1]]
-            every = decode_tile(loaded, header, candidates.boxes[index], False, segments, True)
-            return [every[k - 1] for k in counts]
+            box, segments = candidates.boxes[index], candidates.tiles[index].segments
+            every = decode_tile(loaded, header, box, False, segments[: max(counts[-1], 1)], True)
+            flat = decode_tile(loaded, header, box, False, [])[0]
+            return [every[k - 1] if k else flat for k in counts]
 
         bases = map_tiles(decoded, list(range(len(candidates.boxes))))
         return cls(image, candidates, bases, counts)

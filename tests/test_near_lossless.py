@@ -304,3 +304,24 @@ def test_residual_chunks_share_an_image_budget_and_read_back_with_plain_zarr(
     read = zarr.open_array(store, mode="r")[:]
     assert np.array_equal(read[:96, :96], decode_chunk(alone[0]))
     assert psnr(pixels, read, 8) > 44  # the network alone reaches ~41 dB at 1 bpp
+
+
+def test_tiles_the_layer_codes_alone_and_tiles_with_nothing(odd_crop: GrayImage) -> None:
+    """Lossless, the layer alone (no network iterations, mid-grey base) codes a radiograph in
+    fewer bytes than on the network's first iteration, and the encoder finds that; a tile with
+    neither iterations nor a layer is refused."""
+    alone = ResidualCandidates.encode(odd_crop, tile_size=64, base_iterations=(0,)).stream(0)
+    on_network = ResidualCandidates.encode(odd_crop, tile_size=64, base_iterations=(1,)).stream(0)
+    chosen = encode_image(odd_crop, RateControl(max_error=0), tile_size=64)
+    assert alone.n_bytes < on_network.n_bytes and chosen.n_bytes <= alone.n_bytes
+    assert 0 in chosen.tile_iterations
+    for result in (alone, chosen):
+        assert np.array_equal(decode_image(result.data).pixels, odd_crop.pixels)
+    # A prefix keeps the layer of a tile that has no iterations to drop.
+    assert np.array_equal(
+        decode_image(bitstream.keep_iterations(alone.data, 1)).pixels, odd_crop.pixels
+    )
+    stream = bitstream.unpack(alone.data)
+    empty = replace(stream, residuals=[b""] * len(stream.tiles))
+    with pytest.raises(BitstreamError, match="no iterations and no residual layer"):
+        decode_image(bitstream.pack(empty))
