@@ -302,7 +302,9 @@ def _encode_layered(
     blocks' places in it)."""
     with _NETWORK:
         candidates = [
-            ResidualCandidates.for_bpp(block, model_id, padded_side(max(block.pixels.shape)))
+            ResidualCandidates.for_bpp(
+                block, model_id, padded_side(max(block.pixels.shape)), rate.half_res
+            )
             for block in blocks
         ]
     groups: dict[int, list[int]] = defaultdict(list)

@@ -440,7 +440,8 @@ def encode_image(
 
         if rate.max_error is not None:
             return ResidualCandidates.encode(image, model_id, tile_size).stream(rate.max_error)
-        return ResidualCandidates.for_bpp(image, model_id, tile_size).at_bpp(rate.bpp or 0.0)
+        layered = ResidualCandidates.for_bpp(image, model_id, tile_size, rate.half_res)
+        return layered.at_bpp(rate.bpp or 0.0)
     if rate.adaptive and rate.bpp is not None:
         adaptive = AdaptiveCandidates(image, model_id, tile_size, refine_steps, rate.half_res)
         return adaptive.select(rate.bpp)

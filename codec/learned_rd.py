@@ -7,8 +7,9 @@ name ``MODEL_ID+blocks`` is the same model with spatially adaptive rate (block s
 (:mod:`codec.resolution`, format 3); ``+refine`` refines every code at encoding
 (:mod:`codec.refine`, :data:`codec.refine.DEFAULT_STEPS` steps). Suffixes come in that order.
 ``MODEL_ID+residual`` lets each tile add a residual layer (:mod:`codec.near_lossless`, format
-4) where that removes more error per byte than the network's iterations: it reaches the 2-4 bpp
-and lossless rates the network alone cannot. Its parameter is the largest pixel error of a
+4) where that removes more error per byte than the network's iterations (``+half+residual``:
+or be coded at half resolution by the network alone): it reaches the 2-4 bpp and lossless rates
+the network alone cannot. Its parameter is the largest pixel error of a
 stream whose every tile has a layer (-1 when some tile has none).
 """
 
@@ -52,13 +53,20 @@ def learned_codec_names() -> list[str]:
         for half in ("", HALF_RES_SUFFIX)
         for refine in ("", REFINE_SUFFIX)
     ]
-    return network_only + [model + RESIDUAL_SUFFIX for model in installed_models()]
+    layered = [
+        model + half + RESIDUAL_SUFFIX
+        for model in installed_models()
+        for half in ("", HALF_RES_SUFFIX)
+    ]
+    return network_only + layered
 
 
 def learned_codec(name: str) -> RateDistortionCodec:
     """The bench codec a :func:`learned_codec_names` name stands for."""
     if name.endswith(RESIDUAL_SUFFIX):
-        return LayeredCodec(name.removesuffix(RESIDUAL_SUFFIX))
+        model = name.removesuffix(RESIDUAL_SUFFIX)
+        half_res = model.endswith(HALF_RES_SUFFIX)
+        return LayeredCodec(model.removesuffix(HALF_RES_SUFFIX), half_res=half_res)
     return LearnedCodec.named(name)
 
 
@@ -185,10 +193,14 @@ class LayeredCodec(RateDistortionCodec):
     integer_parameter: ClassVar[bool] = True
     rate_rises_with_parameter: ClassVar[bool] = False
 
-    def __init__(self, model_id: str, tile_size: int = DEFAULT_TILE_SIZE) -> None:
+    def __init__(
+        self, model_id: str, tile_size: int = DEFAULT_TILE_SIZE, half_res: bool = False
+    ) -> None:
         self.model_id = model_id
         self.tile_size = tile_size
-        self.name = model_id + RESIDUAL_SUFFIX  # type: ignore[misc]
+        self.half_res = half_res
+        half = HALF_RES_SUFFIX if half_res else ""
+        self.name = model_id + half + RESIDUAL_SUFFIX  # type: ignore[misc]
         self._last: tuple[GrayImage, ResidualCandidates, float] | None = None  # and seconds
 
     def parameter_bounds(self, image: GrayImage) -> tuple[float, float]:
@@ -198,7 +210,9 @@ class LayeredCodec(RateDistortionCodec):
         # The bench asks for several rates of one image in a row: run the network once.
         if self._last is None or self._last[0] is not image:
             started = time.perf_counter()
-            candidates = ResidualCandidates.for_bpp(image, self.model_id, self.tile_size)
+            candidates = ResidualCandidates.for_bpp(
+                image, self.model_id, self.tile_size, self.half_res
+            )
             self._last = (image, candidates, time.perf_counter() - started)
         return self._last[1]
 

@@ -65,6 +65,15 @@ def ladder_max_errors(peak: int) -> list[int]:
     return sorted((e for e in errors if e <= max(peak // 8, 1)), reverse=True)
 
 
+@dataclass(frozen=True)
+class _Choice:
+    """How one tile is coded: its iterations, at half resolution or not, and its layer."""
+
+    iterations: int
+    layer: _LayeredTile | None = None
+    half_res: bool = False
+
+
 @dataclass
 class ResidualCandidates:
     """An image's tiles coded by the network, and the pixels a reader gets after each of
@@ -74,6 +83,9 @@ class ResidualCandidates:
     candidates: TileCandidates
     bases: list[list[np.ndarray]]  # per tile, the decoded pixels after each base iteration count
     base_iterations: tuple[int, ...]
+    #: A bpp target may also code a tile at half resolution by the network alone (the
+    #: candidates then hold the halves too): the lowest rates' best coding.
+    half_res: bool = False
     _layered: dict[tuple[int, int], _LayeredTile] = field(default_factory=dict)
     layer_seconds: float = 0.0  # spent coding residual layers so far (each tile and D once)
 
@@ -85,6 +97,7 @@ class ResidualCandidates:
         tile_size: int = DEFAULT_TILE_SIZE,
         base_iterations: Sequence[int] = BASE_ITERATIONS,
         network_iterations: int | None = None,
+        half_res: bool = False,
     ) -> ResidualCandidates:
         """Code every tile to ``network_iterations`` (default: the most base iterations; for
         a bpp target, which also weighs the network alone, :meth:`for_bpp` codes as many as
@@ -94,7 +107,7 @@ class ResidualCandidates:
         if not counts or counts[0] < 0 or counts[-1] > loaded.model.config.max_iterations:
             raise ValueError(f"base iterations {base_iterations} outside {model_id}'s range")
         coded = max(network_iterations or counts[-1], counts[-1], 1)
-        candidates = encode_candidates(image, coded, model_id, tile_size)
+        candidates = encode_candidates(image, coded, model_id, tile_size, half_res=half_res)
         header = candidates.header
 
         def decoded(index: int) -> list[np.ndarray]:
@@ -104,15 +117,20 @@ class ResidualCandidates:
             return [every[k - 1] if k else flat for k in counts]
 
         bases = map_tiles(decoded, list(range(len(candidates.boxes))))
-        return cls(image, candidates, bases, counts)
+        return cls(image, candidates, bases, counts, half_res)
 
     @classmethod
     def for_bpp(
-        cls, image: GrayImage, model_id: str = DEFAULT_MODEL_ID, tile_size: int = DEFAULT_TILE_SIZE
+        cls,
+        image: GrayImage,
+        model_id: str = DEFAULT_MODEL_ID,
+        tile_size: int = DEFAULT_TILE_SIZE,
+        half_res: bool = False,
     ) -> ResidualCandidates:
-        """Candidates for :meth:`at_bpp`: the network ladder to its trained iterations."""
+        """Candidates for :meth:`at_bpp`: the network ladder to its trained iterations, and
+        with ``half_res`` at half resolution too."""
         trained = load_model(model_id).trained_iterations
-        return cls.encode(image, model_id, tile_size, network_iterations=trained)
+        return cls.encode(image, model_id, tile_size, network_iterations=trained, half_res=half_res)
 
     def _tile(self, index: int, max_error: int) -> _LayeredTile:
         """The tile's smallest coding: the base iterations after which the layer costs least."""
@@ -152,17 +170,25 @@ class ResidualCandidates:
         )
         return len(bitstream.pack(empty)) - tiles
 
-    def _pack(self, picks: list[_Choice]) -> bytes:
-        """A stream in which tile ``i`` keeps ``picks[i] = (iterations, layer or None)``."""
-        segments = [t.segments[:k] for t, (k, _) in zip(self.candidates.tiles, picks, strict=True)]
-        if all(layer is None for _, layer in picks):
-            return bitstream.pack(Stream(self.candidates.header, segments))
+    def _pack(self, choices: list[_Choice]) -> bytes:
+        """The stream in which each tile is coded as ``choices`` says."""
+        tiles = self.candidates.tiles
+        halves = self.candidates.halves or tiles
+        segments = [
+            (halves if choice.half_res else tiles)[index].segments[: choice.iterations]
+            for index, choice in enumerate(choices)
+        ]
+        half = [choice.half_res for choice in choices] if any(c.half_res for c in choices) else []
+        layers = [choice.layer for choice in choices]
+        if all(layer is None for layer in layers):
+            return bitstream.pack(Stream(self.candidates.header, segments, half))
         stream = Stream(
             self.candidates.header,
             segments,
-            residuals=[b"" if layer is None else layer.residual for _, layer in picks],
-            max_errors=[0 if layer is None else layer.max_error for _, layer in picks],
-            pixel_crcs=[0 if layer is None else layer.pixel_crc for _, layer in picks],
+            half,
+            residuals=[b"" if layer is None else layer.residual for layer in layers],
+            max_errors=[0 if layer is None else layer.max_error for layer in layers],
+            pixel_crcs=[0 if layer is None else layer.pixel_crc for layer in layers],
         )
         return bitstream.pack(stream)
 
@@ -171,15 +197,16 @@ class ResidualCandidates:
         if not 0 <= max_error < self.image.peak + 1:
             raise ValueError(f"max error must be in 0..{self.image.peak}, got {max_error}")
         tiles = [self._tile(index, max_error) for index in range(len(self.candidates.boxes))]
-        data = self._pack([(tile.iterations, tile) for tile in tiles])
+        data = self._pack([_Choice(tile.iterations, tile) for tile in tiles])
         return EncodeResult(data, [tile.iterations for tile in tiles], True, max_error=max_error)
 
     def ladders(self) -> list[list[Ladder]]:
-        """Per tile, two ways to spend bytes: the network's iterations alone, and residual
-        layers of :func:`ladder_max_errors` (each on its cheapest base)."""
+        """Per tile, the ways to spend bytes: the network's iterations alone (at full, and
+        with ``half_res`` at half resolution), and residual layers of
+        :func:`ladder_max_errors` (each on its cheapest full-resolution base), last."""
         errors = ladder_max_errors(self.image.peak)
         ways = []
-        for index, network in enumerate(self.candidates.ladders(half_res=False)):
+        for index, network in enumerate(self.candidates.ladders(half_res=self.half_res)):
             layers = [self._tile(index, error) for error in errors]
             totals = [layer.size for layer in layers]
             costs = [b - a for a, b in zip([0, *totals], totals, strict=False)]
@@ -189,30 +216,33 @@ class ResidualCandidates:
     def _choices(self, picks: list[tuple[int, int]]) -> list[_Choice]:
         """The allocator's picks over :meth:`ladders` as tile codings."""
         errors = ladder_max_errors(self.image.peak)
-        layered_way = len(self.candidates.ladders(half_res=False)[0])  # after the network's
+        layered_way = 2 if self.half_res else 1  # after the network's ways
         choices: list[_Choice] = []
         for index, (way, step) in enumerate(picks):
             if way == layered_way:
                 layer = self._tile(index, errors[step - 1])
-                choices.append((layer.iterations, layer))
+                choices.append(_Choice(layer.iterations, layer))
             else:
-                choices.append((step, None))
+                choices.append(_Choice(step, half_res=way == 1))
         return choices
 
     def _result(self, choices: list[_Choice], fits: bool) -> EncodeResult:
-        layers = [layer for _, layer in choices if layer is not None]
+        layers = [choice.layer for choice in choices if choice.layer is not None]
         bound = max(layer.max_error for layer in layers) if len(layers) == len(choices) else None
-        iterations = [k for k, _ in choices]
-        return EncodeResult(self._pack(choices), iterations, fits, max_error=bound)
+        half = [choice.half_res for choice in choices]
+        return EncodeResult(
+            self._pack(choices),
+            [choice.iterations for choice in choices],
+            fits,
+            half if any(half) else [],
+            max_error=bound,
+        )
 
     def at_bpp(self, bpp: float) -> EncodeResult:
         """The stream that fits ``bpp`` with the least squared error (see
         :func:`select_layered`)."""
         (result,) = select_layered([self], bpp)
         return result
-
-
-_Choice = tuple[int, _LayeredTile | None]  # a tile's iterations, and its layer if it has one
 
 
 def select_layered(images: Sequence[ResidualCandidates], bpp: float) -> list[EncodeResult]:
@@ -251,7 +281,8 @@ def _tighten(
         spent = _spent(images, choices)
         options = []
         for number, (image, chosen) in enumerate(zip(images, choices, strict=True)):
-            for index, (_, layer) in enumerate(chosen):
+            for index, choice in enumerate(chosen):
+                layer = choice.layer
                 if layer is None or layer.max_error == 0:
                     continue
                 tighter = image._tile(index, layer.max_error - 1)
@@ -262,4 +293,4 @@ def _tighten(
         if not options:
             return choices
         _, number, index, tighter = max(options, key=lambda option: option[0])
-        choices[number][index] = (tighter.iterations, tighter)
+        choices[number][index] = _Choice(tighter.iterations, tighter)

@@ -48,8 +48,8 @@ class RateControl:
             raise ValueError("adaptive (per-block) rate needs a bpp target")
         if self.half_res and self.bpp is None:
             raise ValueError("half-resolution tiles need a bpp target")
-        if self.residual and (self.bpp is None or self.adaptive or self.half_res):
-            raise ValueError("a residual layer for a bpp target needs bpp, without adaptive/half")
+        if self.residual and (self.bpp is None or self.adaptive):
+            raise ValueError("residual layers for a bpp target need bpp (and no adaptive)")
         if self.iterations is not None and self.iterations < 1:
             raise ValueError(f"iterations must be at least 1, got {self.iterations}")
         if self.bpp is not None and not 0 < self.bpp < 64:

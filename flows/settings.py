@@ -102,8 +102,8 @@ class RateSettings(_Section):
             raise ValueError("adaptive (per-block) rate needs a bpp target")
         if self.half_res and self.bpp is None:
             raise ValueError("half-resolution tiles need a bpp target")
-        if self.residual and (self.bpp is None or self.adaptive or self.half_res):
-            raise ValueError("residual layers for a bpp target need bpp, without adaptive/half_res")
+        if self.residual and (self.bpp is None or self.adaptive):
+            raise ValueError("residual layers for a bpp target need bpp (and no adaptive)")
         if not chosen:
             object.__setattr__(self, "iterations", 4)
         return self

@@ -192,6 +192,7 @@ def test_rate_control_accepts_the_modes_alone() -> None:
         {"max_error": -1},
         {"iterations": 3, "residual": True},
         {"bpp": 1.0, "residual": True, "adaptive": True},
+        {"max_error": 1, "residual": True},
     ):
         with pytest.raises(ValueError):
             RateControl(**wrong)  # type: ignore[arg-type]
@@ -325,3 +326,21 @@ def test_tiles_the_layer_codes_alone_and_tiles_with_nothing(odd_crop: GrayImage)
     empty = replace(stream, residuals=[b""] * len(stream.tiles))
     with pytest.raises(BitstreamError, match="no iterations and no residual layer"):
         decode_image(bitstream.pack(empty))
+
+
+def test_half_resolution_tiles_join_the_mix(chest_xray: GrayImage) -> None:
+    """``+half+residual``: a tile may also be coded at half resolution by the network alone;
+    streams mixing half tiles and layered tiles decode (whole or by region), fit, and leave no
+    more error than the mix without halves."""
+    crop = GrayImage(np.ascontiguousarray(chest_xray.pixels[256:768, 256:768]), 8)
+    with_halves = ResidualCandidates.for_bpp(crop, tile_size=128, half_res=True)
+    without = ResidualCandidates.for_bpp(crop, tile_size=128)
+    for bpp in (0.1, 0.5):
+        mixed, plain = with_halves.at_bpp(bpp), without.at_bpp(bpp)
+        assert mixed.target_met and mixed.n_bytes * 8 <= bpp * crop.pixels.size
+        assert any(mixed.half_res)
+        decoded = decode_image(mixed.data).pixels
+        assert _squared_error(mixed.data, crop) <= 1.02 * _squared_error(plain.data, crop)
+        region = decode_image(mixed.data, region=((100, 300), (120, 260))).pixels
+        assert np.array_equal(region, decoded[100:300, 120:260])
+    assert learned_codec(DEFAULT_MODEL_ID + "+half+residual").name.endswith("+half+residual")
