@@ -5,16 +5,16 @@ After a tile's network iterations the decoder holds pixels ``base``; the origina
 near-lossless rule of JPEG-LS): index ``e = sign(r) * floor((|r| + D) / (2D + 1))``, pixels
 ``clip(base + e * (2D + 1))``, so every pixel is within ``D`` of the original, and ``D = 0`` is
 lossless. This is how the codec reaches the 2-4 bpp and lossless rates a 10-iteration network
-cannot: the network predicts, the layer codes the noise it leaves.
+cannot: the network predicts, the layer codes what it leaves (with no iterations, the base is
+mid-grey and the layer codes the tile itself; codec/near_lossless.py chooses).
 
 Indices are coded per tile by hierarchical interpolation, because what the network leaves is
 spatially correlated (neighbouring residuals correlate 0.7-0.9 on chest radiographs): first
 every 16th row and column, then, halving the spacing each round, the centres of the squares
 already known (predicted by the mean of their four corners) and then the midpoints of their
 sides (predicted by the mean of their four neighbours); the encoder scales the predictions by
-0/4 to 4/4 per tile, whichever suits it (noise without structure is best not predicted).
-Each step is one vectorised pass, and
-each index is coded as its difference from the prediction: the magnitude class (bit length of
+0/4 to 4/4 per tile, whichever suits it (noise without structure is best not predicted). Each
+step is one vectorised pass, and each index is coded as its difference from the prediction: the magnitude class (bit length of
 ``|d|``: 0 for 0, 1 for 1, 2 for 2-3, ...) range-coded under a context, the bit length of the
 spread (max - min) of the neighbours the prediction used, and then its sign and the bits below
 its leading one, raw (they are close to uniform). Each context's class frequencies are integers

@@ -344,3 +344,12 @@ def test_half_resolution_tiles_join_the_mix(chest_xray: GrayImage) -> None:
         region = decode_image(mixed.data, region=((100, 300), (120, 260))).pixels
         assert np.array_equal(region, decoded[100:300, 120:260])
     assert learned_codec(DEFAULT_MODEL_ID + "+half+residual").name.endswith("+half+residual")
+
+
+def test_near_lossless_benchmark_prints_a_checked_row(odd_crop: GrayImage) -> None:
+    from codec.bench.near_lossless import image_row
+
+    row = image_row("crop", odd_crop, [0, 2], DEFAULT_MODEL_ID)
+    ours_lossless, jpegls_lossless, ours_near, jpegls_near, j2k, jxl = map(float, row[2:])
+    assert ours_near < ours_lossless and jpegls_near < jpegls_lossless
+    assert min(j2k, jxl) > 0 and ours_lossless < 8.0
