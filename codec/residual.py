@@ -14,12 +14,13 @@ every 16th row and column, then, halving the spacing each round, the centres of 
 already known (predicted by the mean of their four corners) and then the midpoints of their
 sides (predicted by the mean of their four neighbours); the encoder scales the predictions by
 0/4 to 4/4 per tile, whichever suits it (noise without structure is best not predicted). Each
-step is one vectorised pass, and each index is coded as its difference from the prediction: the magnitude class (bit length of
-``|d|``: 0 for 0, 1 for 1, 2 for 2-3, ...) range-coded under a context, the bit length of the
-spread (max - min) of the neighbours the prediction used, and then its sign and the bits below
-its leading one, raw (they are close to uniform). Each context's class frequencies are integers
-summing to 65536, fitted on the tile by the encoder and written in the segment, so decoding
-needs no model, only integer arithmetic, and is exact on any machine. Segment layout
+step is one vectorised pass, and each index is coded as its difference ``d`` from the
+prediction: the magnitude class (bit length of ``|d|``: 0 for 0, 1 for 1, 2 for 2-3, ...)
+range-coded under a context, the bit length of the spread (max - min) of the neighbours the
+prediction used, and then its sign and the bits below its leading one, raw (they are close to
+uniform). Each context's class frequencies are integers summing to 65536, fitted on the tile
+by the encoder and written in the segment, so decoding needs no model, only integer
+arithmetic, and is exact on any machine. Segment layout
 (docs/bitstream.md, version 4):
 
     u8                 prediction weight w: predictions are w/4 of the neighbours' mean
