@@ -26,7 +26,7 @@ import struct
 import threading
 import zlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -307,15 +307,10 @@ def _encode_layered(
             )
             for block in blocks
         ]
-    groups: dict[int, list[int]] = defaultdict(list)
-    for position, index in enumerate(indices):
-        groups[images[index] if images is not None else -1 - position].append(position)
-    selected: list[EncodeResult | None] = [None] * len(blocks)
-    for positions in groups.values():
-        shared = select_layered([candidates[p] for p in positions], rate.bpp or 0.0)
-        for position, result in zip(positions, shared, strict=True):
-            selected[position] = result
-    return [result for result in selected if result is not None]
+    bpp = rate.bpp or 0.0
+    return _per_image(
+        indices, images, lambda positions: select_layered([candidates[p] for p in positions], bpp)
+    )
 
 
 def _select(
@@ -326,17 +321,32 @@ def _select(
 ) -> list[EncodeResult]:
     """Each chunk's stream under ``rate``: one budget per image under a bpp target when
     ``images`` groups the chunks (``indices`` are the candidates' places in it)."""
-    if images is None or rate.bpp is None:
+    bpp = rate.bpp
+    if images is None or bpp is None:
         return [candidate.select(rate) for candidate in candidates]
+    return _per_image(
+        indices,
+        images,
+        lambda positions: select_within_budget(
+            [candidates[p] for p in positions], bpp, half_res=rate.half_res
+        ),
+    )
+
+
+def _per_image(
+    indices: list[int],
+    images: Sequence[int] | None,
+    select: Callable[[list[int]], list[EncodeResult]],
+) -> list[EncodeResult]:
+    """One result per chunk: ``select`` called once with the positions of each image's chunks
+    (``images[indices[position]]`` names a chunk's image; without ``images``, each chunk is
+    its own image), its results put back in the chunks' order."""
     groups: dict[int, list[int]] = defaultdict(list)
     for position, index in enumerate(indices):
-        groups[images[index]].append(position)
-    selected: list[EncodeResult | None] = [None] * len(candidates)
+        groups[images[index] if images is not None else -1 - position].append(position)
+    selected: list[EncodeResult | None] = [None] * len(indices)
     for positions in groups.values():
-        shared = select_within_budget(
-            [candidates[p] for p in positions], rate.bpp, half_res=rate.half_res
-        )
-        for position, result in zip(positions, shared, strict=True):
+        for position, result in zip(positions, select(positions), strict=True):
             selected[position] = result
     return [result for result in selected if result is not None]
 
