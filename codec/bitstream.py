@@ -30,6 +30,10 @@ encoder decoded them (a reader whose network arithmetic differs finds out instea
 pixels off the bound); the residual segment follows the tile's iteration segments and is under
 the tile's checksum.
 
+Format version 5 is version 4 whose residual segments are written by the residual layer's
+coder 2 (cubic, edge-following interpolation; contexts with error energy; the bit below each
+leading one range-coded: 2-5% smaller lossless). Version 4 streams keep decoding with coder 1.
+
 Any prefix of a tile's iterations is a valid coarser stream (:func:`keep_iterations` rewrites
 the table), and each tile can be checked and decoded without the others.
 """
@@ -39,7 +43,7 @@ from __future__ import annotations
 import itertools
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -47,8 +51,17 @@ MAGIC = b"RDRC"
 FORMAT_VERSION = 1  # streams whose every block is coded at every iteration
 BLOCK_STOPS_VERSION = 2  # segments carry which blocks are still refined
 TILE_MODES_VERSION = 3  # a flags byte, and a mode (full or half resolution) per tile
-RESIDUAL_VERSION = 4  # version 3, and a residual layer per tile
-KNOWN_VERSIONS = (FORMAT_VERSION, BLOCK_STOPS_VERSION, TILE_MODES_VERSION, RESIDUAL_VERSION)
+RESIDUAL_VERSION = 4  # version 3, and a residual layer per tile (residual coder 1)
+RESIDUAL_CODER_2_VERSION = 5  # version 4 whose residual segments use coder 2
+KNOWN_VERSIONS = (
+    FORMAT_VERSION,
+    BLOCK_STOPS_VERSION,
+    TILE_MODES_VERSION,
+    RESIDUAL_VERSION,
+    RESIDUAL_CODER_2_VERSION,
+)
+#: The residual coder (codec/residual.py) of each version that has residual layers.
+RESIDUAL_CODERS = {RESIDUAL_VERSION: 1, RESIDUAL_CODER_2_VERSION: 2}
 BLOCK_STOPS_FLAG = 1  # version 3 flags, bit 0
 FULL_RESOLUTION, HALF_RESOLUTION = 0, 1  # version 3 tile modes
 HASH_BYTES = 8
@@ -113,6 +126,7 @@ class Stream:
     residuals: list[bytes] = field(default_factory=list)
     max_errors: list[int] = field(default_factory=list)
     pixel_crcs: list[int] = field(default_factory=list)  # CRC-32 of each layered tile's pixels
+    residual_coder: int = 2  # which coder wrote the residual segments (codec/residual.py)
 
     def iterations(self) -> list[int]:
         return [len(segments) for segments in self.tiles]
@@ -174,7 +188,10 @@ class _Reader:
 def format_version(stream: Stream) -> int:
     """The version :func:`pack` writes ``stream`` as: the oldest that can hold it."""
     if any(stream.residuals):
-        return RESIDUAL_VERSION
+        versions = {coder: version for version, coder in RESIDUAL_CODERS.items()}
+        if stream.residual_coder not in versions:
+            raise ValueError(f"no stream format holds residual coder {stream.residual_coder}")
+        return versions[stream.residual_coder]
     if any(stream.half_res):
         return TILE_MODES_VERSION
     return BLOCK_STOPS_VERSION if stream.header.block_stops else FORMAT_VERSION
@@ -191,7 +208,7 @@ def pack(stream: Stream) -> bytes:
         raise ValueError("need one residual segment, max error and pixel CRC per tile")
     version = format_version(stream)  # the oldest that holds it: older readers read those
     tile_modes = version >= TILE_MODES_VERSION
-    residuals = version == RESIDUAL_VERSION
+    residuals = version in RESIDUAL_CODERS
     out = bytearray(MAGIC)
     out.append(version)
     if tile_modes:
@@ -233,7 +250,8 @@ class _TileEntry:
     pixel_crc: int = 0
 
 
-def _read_header(reader: _Reader) -> tuple[StreamHeader, list[_TileEntry]]:
+def _read_header(reader: _Reader) -> tuple[StreamHeader, list[_TileEntry], int]:
+    """The header, the tile table and the format version."""
     if reader.take(4, "magic") != MAGIC:
         raise BitstreamError("not a Radiarc stream (bad magic bytes)")
     version = reader.take(1, "version")[0]
@@ -275,7 +293,7 @@ def _read_header(reader: _Reader) -> tuple[StreamHeader, list[_TileEntry]]:
         count = reader.take(1, "tile table")[0]
         lengths = [reader.leb128("tile table") for _ in range(count)]
         residual_length = max_error = pixel_crc = 0
-        if version == RESIDUAL_VERSION:
+        if version in RESIDUAL_CODERS:
             residual_length = reader.leb128("residual length")
             max_error = reader.leb128("residual max error")
             if max_error >= 1 << bits_stored:
@@ -287,7 +305,7 @@ def _read_header(reader: _Reader) -> tuple[StreamHeader, list[_TileEntry]]:
     (stored,) = struct.unpack("<I", reader.take(4, "header checksum"))
     if zlib.crc32(reader.data[: reader.offset - 4]) != stored:
         raise BitstreamError("header checksum mismatch (corrupt stream)")
-    return header, table
+    return header, table, version
 
 
 def read_header(data: bytes) -> StreamHeader:
@@ -301,7 +319,7 @@ def unpack(data: bytes, tiles: set[int] | None = None) -> Stream:
     Tiles not requested come back with no segments, so a region decodes alone.
     """
     reader = _Reader(data)
-    header, table = _read_header(reader)
+    header, table, version = _read_header(reader)
     payload_size = sum(sum(entry.lengths) + entry.residual_length for entry in table)
     if len(data) - reader.offset != payload_size:
         raise BitstreamError(
@@ -327,7 +345,8 @@ def unpack(data: bytes, tiles: set[int] | None = None) -> Stream:
         return Stream(header, decoded, half_res if any(half_res) else [])
     max_errors = [entry.max_error for entry in table]
     crcs = [entry.pixel_crc for entry in table]
-    return Stream(header, decoded, half_res if any(half_res) else [], residuals, max_errors, crcs)
+    half = half_res if any(half_res) else []
+    return Stream(header, decoded, half, residuals, max_errors, crcs, RESIDUAL_CODERS[version])
 
 
 def keep_iterations(data: bytes, iterations: int) -> bytes:
@@ -345,8 +364,4 @@ def keep_iterations(data: bytes, iterations: int) -> bytes:
     ]
     if not any(residuals):
         return pack(Stream(stream.header, kept, stream.half_res))
-    return pack(
-        Stream(
-            stream.header, kept, stream.half_res, residuals, stream.max_errors, stream.pixel_crcs
-        )
-    )
+    return pack(replace(stream, tiles=kept, residuals=residuals))

@@ -550,14 +550,14 @@ def decode_image(
         if residual is None or len(segments) < len(stream.tiles[index]):
             return pixels  # no layer, or a prefix of iterations the layer does not correct
         layer, max_error, crc = residual
-        indices = decode_residual(layer, (box.height, box.width))
+        indices = decode_residual(layer, (box.height, box.width), stream.residual_coder)
         pixels = reconstruct(pixels, indices, max_error, peak)
         if bitstream.pixels_crc(pixels) != crc:
             raise BitstreamError(
                 f"tile {index} decodes to other pixels than its encoder's (pixel checksum): "
                 "this machine's network arithmetic differs from the writer's, or the layer was "
                 f"altered; its pixels could be off the max error {max_error} "
-                "(docs/bitstream.md, version 4)"
+                "(docs/bitstream.md, versions 4 and 5)"
             )
         return pixels
 

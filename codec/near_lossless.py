@@ -38,7 +38,7 @@ from codec.learned import (
     encode_candidates,
 )
 from codec.rate import Ladder, allocate_ladders
-from codec.residual import encode_residual, quantize, reconstruct
+from codec.residual import encode_residual, estimated_bits, quantize, reconstruct
 from codec.tile_threads import map_tiles
 from codec.weights import DEFAULT_MODEL_ID, load_model
 
@@ -133,24 +133,29 @@ class ResidualCandidates:
         return cls.encode(image, model_id, tile_size, network_iterations=trained, half_res=half_res)
 
     def _tile(self, index: int, max_error: int) -> _LayeredTile:
-        """The tile's smallest coding: the base iterations after which the layer costs least."""
+        """The tile's smallest coding: the base iterations after which the layer is estimated
+        to cost least (:func:`codec.residual.estimated_bits`)."""
         if (index, max_error) in self._layered:
             return self._layered[index, max_error]
         started = time.perf_counter()
         box = self.candidates.boxes[index]
         original = self.image.pixels[box.slices].astype(np.int64)
         segments = self.candidates.tiles[index].segments
-        # (size, iterations, base pixels, indices, layer) of the cheapest base so far
-        best: tuple[int, int, np.ndarray, np.ndarray, bytes] | None = None
-        for k, base in zip(self.base_iterations, self.bases[index], strict=True):
-            indices = quantize(original - base, max_error)
-            residual = encode_residual(indices)
-            size = sum(len(s) + leb128_size(len(s)) for s in segments[:k]) + len(residual)
-            size += leb128_size(len(residual)) - 1 + leb128_size(max_error) - 1
-            if best is None or size < best[0]:
-                best = (size, k, base, indices, residual)
-        assert best is not None  # base_iterations is never empty
-        size, k, base, indices, residual = best
+
+        def segment_bytes(k: int) -> int:
+            return sum(len(s) + leb128_size(len(s)) for s in segments[:k])
+
+        # The base whose layer is estimated smallest; only that layer is really coded (the
+        # coder costs five estimates' time, and ranks bases much as they estimate).
+        options = [
+            (segment_bytes(k) + estimated_bits(quantize(original - base, max_error)) / 8, k, base)
+            for k, base in zip(self.base_iterations, self.bases[index], strict=True)
+        ]
+        _, k, base = min(options, key=lambda option: option[0])
+        indices = quantize(original - base, max_error)
+        residual = encode_residual(indices)
+        size = segment_bytes(k) + len(residual)
+        size += leb128_size(len(residual)) - 1 + leb128_size(max_error) - 1
         pixels = reconstruct(base, indices, max_error, self.image.peak)
         error = float(np.sum((original - pixels) ** 2))
         tile = _LayeredTile(k, residual, max_error, pixels_crc(pixels), error, size)

@@ -11,31 +11,58 @@ mid-grey and the layer codes the tile itself; codec/near_lossless.py chooses).
 Indices are coded per tile by hierarchical interpolation, because what the network leaves is
 spatially correlated (neighbouring residuals correlate 0.7-0.9 on chest radiographs): first
 every 16th row and column, then, halving the spacing each round, the centres of the squares
-already known (predicted by the mean of their four corners) and then the midpoints of their
-sides (predicted by the mean of their four neighbours); the encoder scales the predictions by
-0/4 to 4/4 per tile, whichever suits it (noise without structure is best not predicted). Each
-step is one vectorised pass, and each index is coded as its difference ``d`` from the
-prediction: the magnitude class (bit length of ``|d|``: 0 for 0, 1 for 1, 2 for 2-3, ...)
-range-coded under a context, the bit length of the spread (max - min) of the neighbours the
-prediction used, and then its sign and the bits below its leading one, raw (they are close to
-uniform). Each context's class frequencies are integers summing to 65536, fitted on the tile
-by the encoder and written in the segment, so decoding needs no model, only integer
-arithmetic, and is exact on any machine. Segment layout
-(docs/bitstream.md, version 4):
+already known and then the midpoints of their sides, each predicted from the four known
+neighbours around it; the encoder scales the predictions by 0/4 to 4/4 per tile, whichever
+suits it (noise without structure is best not predicted). Each step is one vectorised pass,
+and each index is coded as its difference ``d`` from the prediction: the magnitude class (bit
+length of ``|d|``: 0 for 0, 1 for 1, 2 for 2-3, ...) range-coded under a context, then its
+sign and the bits below its leading one. Every table is integers summing to 65536, fitted on
+the tile by the encoder and written in the segment, so decoding needs no model, only integer
+arithmetic, and is exact on any machine.
 
-    u8                 prediction weight w: predictions are w/4 of the neighbours' mean
-    per context (17)   u8 class count n, then n LEB128 frequencies (n = 0: context unused)
-    LEB128             byte length of the range-coded classes
-    range-coded        classes, step by step; within a step, context by context, in the
-                       step's row-major order
+Two coders, one per stream format (docs/bitstream.md):
+
+- **Coder 1** (format 4): predictions are the mean of the four neighbours; 17 contexts, the
+  coarse grid and then 1 + the bit length of the neighbours' spread (max - min); signs and
+  low bits raw.
+- **Coder 2** (format 5, what encoders write): along each of the two lines through the
+  position (the diagonals for centres, the row and column for sides) a cubic interpolation
+  ``(9 (a + b) - (a3 + b3)) / 16`` of the neighbours at one and three half-spacings (linear
+  where the outer pair falls outside the tile), the two lines weighted by the inverse of
+  their local gradient, so an edge is followed rather than blurred (or the mean, per tile);
+  the coarse grid coded as differences from its left neighbour (the first column from the
+  one above; per tile, where that pays); 129 contexts (or coder 1's 17, per tile), the coarse
+  grid and then spread (16) x the bit length of the neighbours' own coded differences (4:
+  error energy, after CALIC) x whether the step is one of the last two (2); and the bit just
+  below the leading one, which is not uniform (small magnitudes are likelier within a
+  class), range-coded under its class. Lossless, it codes 4-5% fewer bits than coder 1 on
+  the 8-bit chest X-rays of tests/data, 3% on the 10-bit DICOMs and 0.7% on a 15-bit one
+  (docs/codec.md, stop 12); near-lossless over a network base, the same or up to 2% fewer.
+
+Segment layout:
+
+    u8                 prediction weight w: predictions are w/4 of the interpolation; coder 2
+                       adds 0x10 when the tile uses coder 1's 17 contexts instead of the 129
+                       (its encoder picks the set with fewer estimated bits, tables included)
+                       and 0x20 when it predicts by the neighbours' mean, not the cubic, and
+                       0x40 when its coarse grid is coded as differences (each chosen by the
+                       encoder, whichever costs fewer estimated bits)
+    per context        u8 class count n, then n LEB128 frequencies (n = 0: context unused)
+    coder 2: u8 n      then n LEB128 frequencies (of 65536) of a 0 as the bit below the
+                       leading one, for classes 2 .. n + 1 (the largest class in the tile)
+    LEB128             byte length of the range-coded part
+    range-coded        step by step: the classes, context by context, in the step's
+                       row-major order; coder 2, then the bits below the leading ones, class
+                       by class
     raw bits           step by step: signs of the nonzero differences (1: negative), then the
-                       bits below each leading one, most significant first; zero-padded to a byte
+                       bits below each leading one (coder 2: below the range-coded one), most
+                       significant first; zero-padded to a byte
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import constriction
 import numpy as np
@@ -46,9 +73,25 @@ from codec.entropy import EntropyCodingError, bytes_to_words, read_leb128, words
 FREQUENCY_SCALE = 1 << 16
 MAX_INDEX = (1 << 16) - 1  # the largest residual of 16-bit pixels
 CLASSES = 18  # bit lengths 0..17 of a difference from a prediction, |d| <= 2 * MAX_INDEX
-CONTEXTS = 17  # the coarse grid, then 1 + the bit length of the neighbours' spread (0..15)
 TOP_STRIDE = 16  # the coarse grid's spacing: a power of two
-WEIGHTS = 5  # predictions are 0/4 .. 4/4 of the neighbours' mean, chosen per tile
+WEIGHTS = 5  # predictions are 0/4 .. 4/4 of the interpolation, chosen per tile
+CODERS = (1, 2)  # coder 1 in format 4 streams, coder 2 in format 5
+LATEST_CODER = 2
+SPREADS = 16  # bit lengths 0..15 of the neighbours' spread (longer ones share the last)
+ENERGIES = 4  # coder 2: bit lengths 0..3 of the neighbours' mean |d| (longer share the last)
+#: The coarse grid's context, then coder 1: per spread; coder 2: per spread, energy, fineness.
+CONTEXTS = {1: 1 + SPREADS, 2: 1 + SPREADS * ENERGIES * 2}
+TOP_CLASSES = range(2, CLASSES)  # coder 2: classes with a bit below the leading one
+#: Coder 2, in the segment's first byte beside the weight: the tile uses coder 1's 17 contexts
+#: (spread alone). Near-lossless layers over a network base are nearly all 0s and 1s, where
+#: 129 tables cost more than they tell.
+SPREAD_ONLY = 0x10
+#: Coder 2, in the same byte: the tile is predicted by the neighbours' mean, not the cubic
+#: (its encoder's choice, like the weight: on noise the mean is the steadier guess).
+MEAN_PREDICTION = 0x20
+#: Coder 2, in the same byte: the coarse grid is coded as differences between neighbours
+#: (smooth images), not as values (a network's residual, near zero and uncorrelated).
+GRID_DIFFERENCES = 0x40
 
 
 def quantize(residual: np.ndarray, max_error: int) -> np.ndarray:
@@ -72,16 +115,27 @@ def _bit_length(values: np.ndarray) -> np.ndarray:
     return np.frexp(values.astype(np.float64))[1].astype(np.int64)
 
 
+def _check_coder(coder: int) -> None:
+    if coder not in CODERS:
+        raise ValueError(f"unknown residual coder {coder} (known: {CODERS})")
+
+
 @dataclass(frozen=True)
 class _Step:
     """Positions coded together, and the neighbours (already decoded) that predict them."""
 
     positions: np.ndarray  # flat indices into the tile, row-major
-    #: (n, k) flat indices of each position's neighbours; one outside the tile is replaced by
-    #: one inside (for the spread), and ``valid`` zeroes it in the sum.
+    #: (4, n) flat indices of each position's neighbours; one outside the tile is replaced by
+    #: one inside (for the spread), and ``valid`` zeroes it in the sum. Positions last, so
+    #: that reductions over neighbours are elementwise operations on rows.
     neighbours: np.ndarray
-    valid: np.ndarray  # (n, k) int64, 1 inside the tile and 0 outside
-    count: np.ndarray  # (n,) neighbours inside the tile (at least 1 when k > 0)
+    valid: np.ndarray  # (4, n) int64, 1 inside the tile and 0 outside
+    count: np.ndarray  # (n,) neighbours inside the tile (at least 1 when there are any)
+    #: (2, 4, n) flat indices of the values at -3, -1, +1, +3 half-spacings along the two
+    #: lines through each position (coder 2's interpolation), and which are inside the tile.
+    lines: np.ndarray
+    lines_inside: np.ndarray
+    fine: bool  # one of the last two steps (spacing 1): coder 2 gives them their own contexts
 
 
 def _grid(
@@ -93,63 +147,188 @@ def _grid(
     return rows.ravel(), cols.ravel()
 
 
+def _at(
+    shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray, offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of ``(rows, cols) + offsets`` (offsets ``(..., 2)``; outside: clipped into
+    the tile) and which lie inside."""
+    near_rows = rows.reshape((-1,) + (1,) * (offsets.ndim - 1)) + offsets[..., 0]
+    near_cols = cols.reshape((-1,) + (1,) * (offsets.ndim - 1)) + offsets[..., 1]
+    inside = (near_rows >= 0) & (near_rows < shape[0]) & (near_cols >= 0) & (near_cols < shape[1])
+    clipped = np.clip(near_rows, 0, shape[0] - 1) * shape[1] + np.clip(near_cols, 0, shape[1] - 1)
+    return clipped, inside
+
+
 def _step(
-    shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray, offsets: list[tuple[int, int]]
+    shape: tuple[int, int],
+    rows: np.ndarray,
+    cols: np.ndarray,
+    half: int,
+    directions: list[tuple[int, int]],
+    fine: bool,
 ) -> _Step:
+    """A step whose positions are predicted along ``directions`` (two lines; none on the
+    coarse grid) from neighbours ``half`` apart."""
     order = np.argsort(rows * shape[1] + cols, kind="stable")  # row-major
     rows, cols = rows[order], cols[order]
-    near_rows = rows[:, None] + np.array([dr for dr, _ in offsets])
-    near_cols = cols[:, None] + np.array([dc for _, dc in offsets])
-    valid = (near_rows >= 0) & (near_rows < shape[0]) & (near_cols >= 0) & (near_cols < shape[1])
-    neighbours = near_rows * shape[1] + near_cols
-    if offsets:  # every position has a neighbour inside; the first stands in for the others
-        inside = neighbours[np.arange(rows.size), valid.argmax(axis=1)]
-        neighbours = np.where(valid, neighbours, inside[:, None])
-    count = valid.sum(axis=1)
-    return _Step(rows * shape[1] + cols, neighbours, valid.astype(np.int64), count)
+    # Each line's -3, -1, +1, +3 half-spacings; the four neighbours are the inner pairs.
+    multiples = (-3, -1, 1, 3)
+    lines = np.array([[(m * half * dr, m * half * dc) for m in multiples] for dr, dc in directions])
+    lines = lines.reshape(len(directions), 4, 2)
+    line_index, line_inside = (
+        np.ascontiguousarray(array.transpose(1, 2, 0)) for array in _at(shape, rows, cols, lines)
+    )
+    neighbours = line_index[:, 1:3].reshape(2 * len(directions), rows.size)
+    valid = line_inside[:, 1:3].reshape(2 * len(directions), rows.size)
+    if directions:  # every position has a neighbour inside; the first stands in for the others
+        inside = neighbours[valid.argmax(axis=0), np.arange(rows.size)]
+        neighbours = np.where(valid, neighbours, inside[np.newaxis])
+    count = valid.sum(axis=0)
+    return _Step(
+        rows * shape[1] + cols,
+        neighbours,
+        valid.astype(np.int64),
+        count,
+        line_index,
+        line_inside,
+        fine,
+    )
 
 
 @functools.lru_cache(maxsize=8)
 def _steps(shape: tuple[int, int]) -> list[_Step]:
     """Every position once: the coarse grid, then per halving its centres and side midpoints."""
-    steps = [_step(shape, *_grid(shape, (0, 0), TOP_STRIDE), [])]
+    steps = [_step(shape, *_grid(shape, (0, 0), TOP_STRIDE), TOP_STRIDE, [], False)]
     stride = TOP_STRIDE
     while stride > 1:
         half = stride // 2
-        corners = [(-half, -half), (-half, half), (half, -half), (half, half)]
-        steps.append(_step(shape, *_grid(shape, (half, half), stride), corners))
+        fine = half == 1
+        diagonals = [(1, 1), (1, -1)]  # through the corners of the square a centre sits in
+        steps.append(_step(shape, *_grid(shape, (half, half), stride), half, diagonals, fine))
         across, down = _grid(shape, (0, half), stride), _grid(shape, (half, 0), stride)
-        sides = [(-half, 0), (half, 0), (0, -half), (0, half)]
         rows, cols = np.concatenate([across[0], down[0]]), np.concatenate([across[1], down[1]])
-        steps.append(_step(shape, rows, cols, sides))
+        steps.append(_step(shape, rows, cols, half, [(1, 0), (0, 1)], fine))
         stride = half
     return steps
 
 
-@dataclass(frozen=True)
-class _Neighbourhood:
-    """What a step's known neighbours say about each of its positions."""
+def _mean_prediction(flat: np.ndarray, step: _Step) -> tuple[np.ndarray, np.ndarray]:
+    """Coder 1's interpolation as numerator and denominator: the neighbours' mean."""
+    return (flat[step.neighbours] * step.valid).sum(axis=0), step.count
 
-    total: np.ndarray  # sum of the neighbours' indices
-    count: np.ndarray  # how many there are (0 on the coarse grid)
-    contexts: np.ndarray  # 0 with no neighbours, else 1 + bit length of their spread (<= 15)
+
+def _cubic_prediction(flat: np.ndarray, step: _Step) -> tuple[np.ndarray, np.ndarray]:
+    """Coder 2's interpolation as numerator and denominator: per line, cubic (linear where
+    the outer pair is outside), the lines weighted by the inverse of 2 + their gradient (in
+    halves of a level); the neighbours' mean where neither line has both inner values."""
+    values, inside = flat[step.lines], step.lines_inside  # (2 lines, 4 places, n)
+    a3, a, b, b3 = (values[:, i] for i in range(4))
+    usable = inside[:, 1] & inside[:, 2]
+    full = usable & inside[:, 0] & inside[:, 3]
+    estimate = np.where(full, 9 * (a + b) - (a3 + b3), 8 * (a + b))  # sixteenths
+    gradient = 2 * np.abs(a - b) + np.where(full, np.abs(a3 - a) + np.abs(b3 - b), 0)
+    # Weight of each line: 2 + the other line's gradient, or 1 when the other is unusable.
+    other_usable, other_gradient = usable[::-1], gradient[::-1]
+    weights = usable * np.where(other_usable, 2 + other_gradient, 1)
+    numerator = (weights * estimate).sum(axis=0)
+    denominator = 16 * weights.sum(axis=0)
+    total, count = _mean_prediction(flat, step)
+    neither = denominator == 0
+    return np.where(neither, total, numerator), np.where(neither, count, denominator)
+
+
+@dataclass(frozen=True)
+class _Interpolation:
+    """A step's interpolation as an integer fraction per position (denominator 0: none, on
+    the coarse grid)."""
+
+    numerator: np.ndarray
+    denominator: np.ndarray
 
     def prediction(self, weight: int) -> np.ndarray:
-        """``weight`` quarters of the neighbours' mean, rounded; 0 with none. Integer
+        """``weight`` quarters of the interpolation, rounded half up, within the range of
+        indices (a cubic overshoots at steep edges); 0 on the coarse grid. Integer
         arithmetic, so every machine predicts the same."""
-        if not self.count.any():
-            return np.zeros(self.count.shape, dtype=np.int64)
-        return (2 * weight * self.total + 4 * self.count) // (8 * self.count)
+        if not self.denominator.any():
+            return np.zeros(self.denominator.size, dtype=np.int64)
+        numerator, denominator = self.numerator, self.denominator
+        prediction = (2 * weight * numerator + 4 * denominator) // (8 * denominator)
+        return np.clip(prediction, -MAX_INDEX, MAX_INDEX)
 
 
-def _neighbourhood(flat: np.ndarray, step: _Step) -> _Neighbourhood:
-    if step.neighbours.shape[1] == 0:
+def _interpolation(flat: np.ndarray, step: _Step, cubic: bool) -> _Interpolation:
+    if not step.count.any():
         zeros = np.zeros(step.positions.size, dtype=np.int64)
-        return _Neighbourhood(zeros, zeros, zeros)
+        return _Interpolation(zeros, zeros)
+    interpolate = _cubic_prediction if cubic else _mean_prediction
+    return _Interpolation(*interpolate(flat, step))
+
+
+def estimated_bits(indices: np.ndarray) -> float:
+    """About what :func:`encode_residual` spends on ``indices``, at a fraction of its time
+    (coder 1's mean interpolation and 17 contexts, ideal tables, no range coder): enough to
+    rank bases for the same tile (within 0.1% of always picking the truly smallest on a
+    chest X-ray's near-lossless ladder, docs/codec.md stop 12)."""
+    flat, steps = indices.astype(np.int64).ravel(), _steps(indices.shape)
+    interpolations = [_interpolation(flat, step, cubic=False) for step in steps]
+    contexts = np.concatenate([_contexts(flat, flat, step, 1) for step in steps])
+    costs = []
+    values = [flat[step.positions] for step in steps]
+    for weight in (0, WEIGHTS - 1):  # noise, structure
+        predictions = [interpolation.prediction(weight) for interpolation in interpolations]
+        differences = np.concatenate(values) - np.concatenate(predictions)
+        classes = _bit_length(np.abs(differences))
+        class_bits = _entropy_bits(_class_counts(contexts, classes, CONTEXTS[1]))
+        raw = np.count_nonzero(differences) + int(np.maximum(classes - 1, 0).sum())
+        costs.append(class_bits + raw)
+    return min(costs)
+
+
+def _coarse_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    return -(-shape[0] // TOP_STRIDE), -(-shape[1] // TOP_STRIDE)
+
+
+def _coarse_differences(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Coder 2 on the coarse grid (row-major ``values``): each value less its left neighbour,
+    the first column less the one above (the grid is smooth: about a third fewer bits than
+    the values themselves on chest X-rays)."""
+    grid = values.reshape(_coarse_shape(shape))
+    differences = np.diff(grid, axis=1, prepend=0)
+    differences[:, 0] = np.diff(grid[:, 0], prepend=0)
+    return differences.ravel()
+
+
+def _coarse_values(differences: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of :func:`_coarse_differences`."""
+    grid = differences.reshape(_coarse_shape(shape)).copy()
+    grid[:, 0] = np.cumsum(grid[:, 0])
+    return np.cumsum(grid, axis=1).ravel()
+
+
+def _contexts(flat: np.ndarray, magnitudes: np.ndarray, step: _Step, coder: int) -> np.ndarray:
+    """Each position's context (:data:`CONTEXTS`); ``magnitudes`` holds ``|d|`` of every
+    position coded so far (coder 2's error energy)."""
+    if not step.count.any():
+        return np.zeros(step.positions.size, dtype=np.int64)
     values = flat[step.neighbours]
-    spread = values.max(axis=1) - values.min(axis=1)
-    contexts = 1 + np.minimum(_bit_length(spread), CONTEXTS - 2)
-    return _Neighbourhood((values * step.valid).sum(axis=1), step.count, contexts)
+    spread = np.minimum(_bit_length(values.max(axis=0) - values.min(axis=0)), SPREADS - 1)
+    if coder == 1:
+        return 1 + spread
+    energy = (magnitudes[step.neighbours] * step.valid).sum(axis=0) // step.count
+    energy = np.minimum(_bit_length(energy), ENERGIES - 1)
+    return 1 + (spread * ENERGIES + energy) * 2 + int(step.fine)
+
+
+def _spread_only(contexts: np.ndarray) -> np.ndarray:
+    """Coder 2's contexts merged over energy and fineness: coder 1's 17."""
+    return np.where(contexts > 0, 1 + (contexts - 1) // (2 * ENERGIES), 0)
+
+
+def _entropy_bits(counts: np.ndarray) -> float:
+    """Bits an ideal coder spends on symbols with these per-context class counts."""
+    totals = counts.sum(axis=1, keepdims=True)
+    used = counts > 0
+    return float(-(counts[used] * np.log2((counts / np.maximum(totals, 1))[used])).sum())
 
 
 def _frequencies(counts: np.ndarray) -> np.ndarray:
@@ -172,12 +351,38 @@ def _coded(frequencies: np.ndarray) -> bool:
     return int(np.count_nonzero(frequencies)) > 1
 
 
-def _raw_bits(differences: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Signs of the nonzero differences (1: negative), then each magnitude's bits below its
-    leading one, most significant first."""
+def _zero_frequency(bits: np.ndarray) -> int:
+    """Coder 2's table for one class's bits below the leading one: the frequency of a 0 of
+    65536; 65536 (all zero, or none) and 0 (all one) cost no bits."""
+    zeros = int(bits.size - np.count_nonzero(bits))
+    if zeros == bits.size:
+        return FREQUENCY_SCALE
+    if not zeros:
+        return 0
+    return min(max(zeros * FREQUENCY_SCALE // bits.size, 1), FREQUENCY_SCALE - 1)
+
+
+def _bit_model(zero_frequency: int) -> constriction.stream.model.Categorical:
+    return _model(np.array([zero_frequency, FREQUENCY_SCALE - zero_frequency]))
+
+
+def _raw_widths(classes: np.ndarray, coder: int) -> np.ndarray:
+    """How many of each magnitude's bits are raw: those below the leading one, and for coder 2
+    below the range-coded one after it."""
+    return np.maximum(classes - (1 if coder == 1 else 2), 0)
+
+
+def _top_bits(magnitudes: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Coder 2: the bit below each leading one (0 for classes 0 and 1, which have none)."""
+    return np.where(classes >= 2, magnitudes >> np.maximum(classes - 2, 0), 0) & 1
+
+
+def _raw_bits(differences: np.ndarray, classes: np.ndarray, coder: int) -> np.ndarray:
+    """Signs of the nonzero differences (1: negative), then each magnitude's raw bits
+    (:func:`_raw_widths`), most significant first."""
     signs = (differences[differences != 0] < 0).astype(np.uint8)
-    widths = np.maximum(classes - 1, 0)
-    low = np.abs(differences) - np.where(classes > 0, 1 << widths, 0)
+    widths = _raw_widths(classes, coder)
+    low = np.abs(differences) & ((1 << widths) - 1)
     shifts = _shifts(widths)
     bits = ((low[:, None] >> shifts) & 1).astype(np.uint8)
     return np.concatenate([signs, bits[shifts < widths[:, None]]])
@@ -187,59 +392,183 @@ def _shifts(widths: np.ndarray) -> np.ndarray:
     return np.arange(max(int(widths.max(initial=0)), 1) - 1, -1, -1)
 
 
-def _prediction_weight(flat: np.ndarray, steps: list[_Step]) -> int:
-    """The weight whose differences look cheapest on the finest step (half the tile): about
-    their bit lengths, a cheap stand-in for their coded size. Residuals with spatial structure
-    want the full mean (4); uncorrelated noise wants none (0)."""
-    finest = steps[-1]
-    near, values = _neighbourhood(flat, finest), flat[finest.positions]
-
-    def proxy(weight: int) -> int:
-        return int(_bit_length(np.abs(values - near.prediction(weight))).sum())
-
-    return min(range(WEIGHTS), key=proxy)
+def _ideal_bits(differences: np.ndarray) -> float:
+    """What coding ``differences`` costs under one ideal table: their classes' entropy, plus
+    the signs and low bits."""
+    classes = _bit_length(np.abs(differences))
+    counts = np.bincount(classes)
+    used = counts[counts > 0]
+    entropy = float(-(used * np.log2(used / classes.size)).sum())
+    return entropy + np.count_nonzero(differences) + float(np.maximum(classes - 1, 0).sum())
 
 
-def encode_residual(indices: np.ndarray) -> bytes:
-    """One tile's ``(h, w)`` quantization indices as a residual segment."""
-    if indices.ndim != 2 or np.abs(indices).max(initial=0) > MAX_INDEX:
-        raise ValueError(f"indices must be a 2-D array within +-{MAX_INDEX}")
-    flat = indices.astype(np.int64).ravel()
-    steps = _steps(indices.shape)
-    weight = _prediction_weight(flat, steps)
-    coded: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per step
-    for step in steps:
-        near = _neighbourhood(flat, step)
-        differences = flat[step.positions] - near.prediction(weight)
-        coded.append((differences, _bit_length(np.abs(differences)), near.contexts))
-    tables = bytearray([weight])
-    all_classes = np.concatenate([classes for _, classes, _ in coded])
-    all_contexts = np.concatenate([contexts for _, _, contexts in coded])
-    counts = np.bincount(all_contexts * CLASSES + all_classes, minlength=CONTEXTS * CLASSES)
+def _choose_prediction(
+    flat: np.ndarray, steps: list[_Step], coder: int
+) -> tuple[int, bool, list[_Interpolation]]:
+    """The weight (and, coder 2, whether the cubic or the mean) whose differences cost least
+    under one ideal table: on the finest step (half the tile) for the weight, over every step
+    for the interpolation (a cubic that wins on neighbours one pixel apart can lose on noise
+    sixteen apart); and the chosen interpolation of every step. Residuals with spatial
+    structure want the full interpolation (4); uncorrelated noise wants none (0)."""
+    options = []
+    for cubic in (True, False) if coder == 2 else (False,):
+        interpolations = [_interpolation(flat, step, cubic) for step in steps]
+        finest = flat[steps[-1].positions]
+        weight = min(
+            range(WEIGHTS),
+            key=lambda w: _ideal_bits(finest - interpolations[-1].prediction(w)),
+        )
+        options.append((weight, cubic, interpolations))
+    if len(options) == 1:
+        return options[0]
+
+    def cost(option: tuple[int, bool, list[_Interpolation]]) -> float:
+        weight, _, interpolations = option
+        refined = zip(steps[1:], interpolations[1:], strict=True)
+        return sum(
+            _ideal_bits(flat[step.positions] - interpolation.prediction(weight))
+            for step, interpolation in refined
+        )
+
+    return min(options, key=cost)
+
+
+def _grid_differences_pay(values: np.ndarray, shape: tuple[int, int]) -> bool:
+    """Coder 2: whether the coarse grid costs less as differences than as values."""
+    return _ideal_bits(_coarse_differences(values, shape)) < _ideal_bits(values)
+
+
+@dataclass(frozen=True)
+class _CodedStep:
+    differences: np.ndarray
+    classes: np.ndarray
+    contexts: np.ndarray
+
+
+def _table_bytes(counts: np.ndarray) -> tuple[bytes, list[np.ndarray | None]]:
+    """Per context: the written table and its frequencies (None: the context is unused)."""
+    out = bytearray()
     frequencies: list[np.ndarray | None] = []
-    for context_counts in counts.reshape(CONTEXTS, CLASSES):
+    for context_counts in counts:
         if not context_counts.any():
-            tables.append(0)
+            out.append(0)
             frequencies.append(None)
             continue
         table = _frequencies(context_counts)
         used = int(np.flatnonzero(table).max()) + 1
-        tables.append(used)
+        out.append(used)
         for value in table[:used]:
-            tables += leb128(int(value))
+            out += leb128(int(value))
         frequencies.append(table[:used])
+    return bytes(out), frequencies
+
+
+def _class_counts(contexts: np.ndarray, classes: np.ndarray, count: int) -> np.ndarray:
+    """``(count, CLASSES)``: how often each class occurs in each context."""
+    flat = np.bincount(contexts * CLASSES + classes, minlength=count * CLASSES)
+    return flat.reshape(count, CLASSES)
+
+
+def _code_steps(
+    indices: np.ndarray,
+    weight: int,
+    interpolations: list[_Interpolation],
+    grid: bool,
+    coder: int,
+) -> list[_CodedStep]:
+    """Each step's differences from its predictions, their classes and contexts."""
+    flat = indices.ravel()
+    magnitudes = np.zeros_like(flat)
+    coded = []
+    steps = zip(_steps(indices.shape), interpolations, strict=True)
+    for index, (step, interpolation) in enumerate(steps):
+        contexts = _contexts(flat, magnitudes, step, coder)
+        values = flat[step.positions]
+        if index == 0 and grid:
+            differences = _coarse_differences(values, indices.shape)
+        else:
+            differences = values - interpolation.prediction(weight)
+        magnitudes[step.positions] = np.abs(differences)
+        coded.append(_CodedStep(differences, _bit_length(np.abs(differences)), contexts))
+    return coded
+
+
+def _class_tables(
+    coded: list[_CodedStep], coder: int
+) -> tuple[bytes, list[np.ndarray | None], bool]:
+    """The written class tables, their frequencies, and whether they are coder 1's 17 spread
+    contexts (coder 2 takes those where their tables save more than they lose)."""
+    classes = np.concatenate([step.classes for step in coded])
+    contexts = np.concatenate([step.contexts for step in coded])
+    counts = _class_counts(contexts, classes, CONTEXTS[coder])
+    tables, frequencies = _table_bytes(counts)
+    if coder == 1:
+        return tables, frequencies, False
+    merged = _class_counts(_spread_only(contexts), classes, CONTEXTS[1])
+    merged_tables, merged_frequencies = _table_bytes(merged)
+    if 8 * len(merged_tables) + _entropy_bits(merged) < 8 * len(tables) + _entropy_bits(counts):
+        return merged_tables, merged_frequencies, True
+    return tables, frequencies, False
+
+
+def _top_tables(coded: list[_CodedStep]) -> tuple[bytes, dict[int, int]]:
+    """Coder 2's written tables for the bits below the leading ones, and their frequencies."""
+    classes = np.concatenate([step.classes for step in coded])
+    tops = _top_bits(np.abs(np.concatenate([step.differences for step in coded])), classes)
+    top_classes = range(TOP_CLASSES.start, max(int(classes.max(initial=0)) + 1, 2))
+    out = bytearray([len(top_classes)])
+    zero_frequencies = {}
+    for top_class in top_classes:
+        zero_frequencies[top_class] = _zero_frequency(tops[classes == top_class])
+        out += leb128(zero_frequencies[top_class])
+    return bytes(out), zero_frequencies
+
+
+def _entropy_code(
+    coded: list[_CodedStep],
+    frequencies: list[np.ndarray | None],
+    zero_frequencies: dict[int, int],
+    coder: int,
+) -> tuple[bytes, bytes]:
+    """The range-coded part and the raw bits, step by step."""
     encoder = constriction.stream.queue.RangeEncoder()
     raw = []
-    for differences, classes, contexts in coded:
+    for step in coded:
         for context, frequency in enumerate(frequencies):
             if frequency is not None and _coded(frequency):
-                symbols = classes[contexts == context]
+                symbols = step.classes[step.contexts == context]
                 if symbols.size:
                     encoder.encode(symbols.astype(np.int32), _model(frequency))
-        raw.append(_raw_bits(differences, classes))
-    classes_bytes = words_to_bytes(encoder.get_compressed())
-    packed = np.packbits(np.concatenate(raw)).tobytes()
-    return bytes(tables) + leb128(len(classes_bytes)) + classes_bytes + packed
+        tops = _top_bits(np.abs(step.differences), step.classes)
+        for top_class, zero_frequency in zero_frequencies.items():
+            bits = tops[step.classes == top_class]
+            if bits.size and 0 < zero_frequency < FREQUENCY_SCALE:
+                encoder.encode(bits.astype(np.int32), _bit_model(zero_frequency))
+        raw.append(_raw_bits(step.differences, step.classes, coder))
+    return words_to_bytes(encoder.get_compressed()), np.packbits(np.concatenate(raw)).tobytes()
+
+
+def encode_residual(indices: np.ndarray, coder: int = LATEST_CODER) -> bytes:
+    """One tile's ``(h, w)`` quantization indices as a residual segment of ``coder``."""
+    _check_coder(coder)
+    if indices.ndim != 2 or np.abs(indices).max(initial=0) > MAX_INDEX:
+        raise ValueError(f"indices must be a 2-D array within +-{MAX_INDEX}")
+    indices = indices.astype(np.int64)
+    flat, steps = indices.ravel(), _steps(indices.shape)
+    weight, cubic, interpolations = _choose_prediction(flat, steps, coder)
+    grid = coder == 2 and _grid_differences_pay(flat[steps[0].positions], indices.shape)
+    coded = _code_steps(indices, weight, interpolations, grid, coder)
+    tables, frequencies, spread_only = _class_tables(coded, coder)
+    if spread_only:
+        coded = [replace(step, contexts=_spread_only(step.contexts)) for step in coded]
+    zero_frequencies: dict[int, int] = {}
+    if coder == 2:
+        top_tables, zero_frequencies = _top_tables(coded)
+        tables += top_tables
+    flags = (0 if cubic or coder == 1 else MEAN_PREDICTION) | (GRID_DIFFERENCES if grid else 0)
+    flags |= SPREAD_ONLY if spread_only else 0
+    coded_part, raw = _entropy_code(coded, frequencies, zero_frequencies, coder)
+    return bytes([weight | flags]) + tables + leb128(len(coded_part)) + coded_part + raw
 
 
 class _Cursor:
@@ -264,9 +593,9 @@ class _Cursor:
         return self.data[self.offset - size : self.offset]
 
 
-def _read_tables(cursor: _Cursor) -> list[np.ndarray | None]:
+def _read_tables(cursor: _Cursor, contexts: int) -> list[np.ndarray | None]:
     tables: list[np.ndarray | None] = []
-    for context in range(CONTEXTS):
+    for context in range(contexts):
         used = cursor.byte("context tables")
         if used > CLASSES:
             raise EntropyCodingError(f"residual context {context} has {used} classes")
@@ -278,6 +607,18 @@ def _read_tables(cursor: _Cursor) -> list[np.ndarray | None]:
             raise EntropyCodingError(f"residual context {context} has a malformed table")
         tables.append(frequencies)
     return tables
+
+
+def _read_zero_frequencies(cursor: _Cursor) -> dict[int, int]:
+    count = cursor.byte("leading-bit tables")
+    if count > len(TOP_CLASSES):
+        raise EntropyCodingError(f"residual segment has {count} leading-bit tables")
+    frequencies = {}
+    for top_class in TOP_CLASSES[:count]:
+        frequencies[top_class] = cursor.leb128("leading-bit tables")
+        if frequencies[top_class] > FREQUENCY_SCALE:
+            raise EntropyCodingError(f"residual class {top_class} has a malformed bit table")
+    return frequencies
 
 
 def _decode_classes(
@@ -296,11 +637,34 @@ def _decode_classes(
     return classes
 
 
-def _read_raw(classes: np.ndarray, raw: np.ndarray, start: int) -> tuple[np.ndarray, int]:
+def _decode_top_bits(
+    decoder: constriction.stream.queue.RangeDecoder,
+    zero_frequencies: dict[int, int],
+    classes: np.ndarray,
+) -> np.ndarray:
+    """Coder 2: the bit below each leading one, class by class (0 where there is none)."""
+    tops = np.zeros(classes.size, dtype=np.int64)
+    if classes.max(initial=0) >= TOP_CLASSES.start + len(zero_frequencies):
+        raise EntropyCodingError("residual segment decodes to a class with no leading-bit table")
+    for top_class, zero_frequency in zero_frequencies.items():
+        where = np.flatnonzero(classes == top_class)
+        if not where.size or zero_frequency == FREQUENCY_SCALE:
+            continue
+        if not zero_frequency:
+            tops[where] = 1
+            continue
+        tops[where] = decoder.decode(_bit_model(zero_frequency), where.size)
+    return tops
+
+
+def _read_raw(
+    classes: np.ndarray, tops: np.ndarray, raw: np.ndarray, start: int, coder: int
+) -> tuple[np.ndarray, int]:
     """Inverse of :func:`_raw_bits` from ``raw[start:]``: the signed differences whose
-    ``classes`` are known, and where the next step's bits start."""
+    ``classes`` (and, coder 2, bits below the leading one) are known, and where the next
+    step's bits start."""
     nonzero = classes > 0
-    widths = np.maximum(classes - 1, 0)
+    widths = _raw_widths(classes, coder)
     signs_end = start + int(nonzero.sum())
     end = signs_end + int(widths.sum())
     if end > raw.size:
@@ -309,38 +673,57 @@ def _read_raw(classes: np.ndarray, raw: np.ndarray, start: int) -> tuple[np.ndar
     keep = shifts < widths[:, None]
     bits = np.zeros(keep.shape, dtype=np.int64)
     bits[keep] = raw[signs_end:end]
-    magnitudes = np.where(nonzero, (1 << widths) + (bits << shifts).sum(axis=1), 0)
+    leading = np.where(nonzero, 1 << np.maximum(classes - 1, 0), 0)
+    magnitudes = leading + (tops << widths) + (bits << shifts).sum(axis=1)
     negative = np.zeros(classes.size, dtype=bool)
     negative[nonzero] = raw[start:signs_end].astype(bool)
     return np.where(negative, -magnitudes, magnitudes), end
 
 
-def decode_residual(data: bytes, shape: tuple[int, int]) -> np.ndarray:
+def decode_residual(data: bytes, shape: tuple[int, int], coder: int = LATEST_CODER) -> np.ndarray:
     """Inverse of :func:`encode_residual`: the ``shape`` array of indices."""
+    _check_coder(coder)
     try:
         cursor = _Cursor(data)
-        weight = cursor.byte("prediction weight")
+        first = cursor.byte("prediction weight")
+        flags = SPREAD_ONLY | MEAN_PREDICTION | GRID_DIFFERENCES if coder == 2 else 0
+        weight, spread_only = first & ~flags, bool(first & flags & SPREAD_ONLY)
+        cubic = coder == 2 and not first & MEAN_PREDICTION
+        grid_differences = bool(first & flags & GRID_DIFFERENCES)
         if weight >= WEIGHTS:
-            raise EntropyCodingError(f"residual prediction weight {weight} out of range")
-        tables = _read_tables(cursor)
+            raise EntropyCodingError(f"residual prediction weight byte {first} out of range")
+        contexts_used = CONTEXTS[1] if spread_only else CONTEXTS[coder]
+        tables = _read_tables(cursor, contexts_used)
+        zero_frequencies = _read_zero_frequencies(cursor) if coder == 2 else {}
         coded = cursor.take(cursor.leb128("classes length"), "classes")
         decoder = constriction.stream.queue.RangeDecoder(bytes_to_words(coded))
         raw = np.unpackbits(np.frombuffer(data[cursor.offset :], dtype=np.uint8))
         flat = np.zeros(shape[0] * shape[1], dtype=np.int64)
+        magnitudes = np.zeros_like(flat)
         used = 0
-        for step in _steps(shape):
-            near = _neighbourhood(flat, step)
-            prediction, contexts = near.prediction(weight), near.contexts
+        for index, step in enumerate(_steps(shape)):
+            contexts = _contexts(flat, magnitudes, step, coder)
+            if spread_only:
+                contexts = _spread_only(contexts)
             classes = np.zeros(step.positions.size, dtype=np.int64)
-            for context in range(CONTEXTS):
+            for context in range(contexts_used):
                 where = np.flatnonzero(contexts == context)
                 if where.size:
                     classes[where] = _decode_classes(decoder, tables[context], where.size, context)
-            differences, used = _read_raw(classes, raw, used)
-            values = prediction + differences
+            tops = (
+                _decode_top_bits(decoder, zero_frequencies, classes)
+                if coder == 2
+                else np.zeros_like(classes)
+            )
+            differences, used = _read_raw(classes, tops, raw, used, coder)
+            if index == 0 and grid_differences:
+                values = _coarse_values(differences, shape)
+            else:
+                values = _interpolation(flat, step, cubic).prediction(weight) + differences
             if np.abs(values).max(initial=0) > MAX_INDEX:
                 raise EntropyCodingError(f"residual segment decodes beyond +-{MAX_INDEX}")
             flat[step.positions] = values
+            magnitudes[step.positions] = np.abs(differences)
         if -(-used // 8) != len(data) - cursor.offset:
             raise EntropyCodingError(
                 f"residual segment has {len(data) - cursor.offset} raw bytes, its classes "

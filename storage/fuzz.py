@@ -85,6 +85,8 @@ __all__ = [
 
 TARGETS = ("dicom", "uid", "stream", "chunk")
 DATA_DIR = Path(__file__).resolve().parents[1] / "tests" / "data"
+#: A format 4 stream (residual coder 1) as written before format 5: readers keep decoding it.
+FORMAT_4_SEED = DATA_DIR.parent / "fixtures" / "residual-v4-d4.rdrc"
 UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _COMPONENTS = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _SAFE_MESSAGE = re.compile(r"[ -~]*")  # printable ASCII
@@ -356,8 +358,9 @@ def codec_seeds() -> tuple[list[bytes], list[bytes]]:
     streams = [
         encode_image(eight, RateControl(iterations=2), tile_size=32).data,
         encode_image(twelve, RateControl(iterations=3), tile_size=32).data,
-        # Format 4: a residual layer per tile (near-lossless).
+        # Format 5: a residual layer per tile (near-lossless).
         encode_image(twelve, RateControl(max_error=3), tile_size=32).data,
+        *([FORMAT_4_SEED.read_bytes()] if FORMAT_4_SEED.exists() else []),
         # Format 2 (last: tests take it as such): blocks that stop refining.
         AdaptiveCandidates(twelve, tile_size=32).select(1.5).data,
     ]
@@ -426,7 +429,13 @@ def resealed_streams(draw: st.DrawFn, seeds: Sequence[bytes]) -> bytes:
         grid = [tiles[i % len(tiles)] for i in range(new_header.tile_count)]
         if residuals and new_header.tile_count == len(tiles):
             layered = bitstream.Stream(
-                new_header, grid, [], residuals, max_errors, list(stream.pixel_crcs)
+                new_header,
+                grid,
+                [],
+                residuals,
+                max_errors,
+                list(stream.pixel_crcs),
+                stream.residual_coder,
             )
             return bitstream.pack(layered)
         return bitstream.pack(bitstream.Stream(new_header, grid))
