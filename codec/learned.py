@@ -29,7 +29,7 @@ from codec.rate import (
     first_meeting,
     psnr_from_sse,
 )
-from codec.residual import decode_residual, reconstruct
+from codec.residual import decode_residual, layer_bound, reconstruct, smoothed
 from codec.tile_threads import map_tiles
 from codec.tiling import (
     TileBox,
@@ -550,13 +550,15 @@ def decode_image(
         if residual is None or len(segments) < len(stream.tiles[index]):
             return pixels  # no layer, or a prefix of iterations the layer does not correct
         layer, max_error, crc = residual
-        indices = decode_residual(layer, (box.height, box.width), stream.residual_coder)
-        pixels = reconstruct(pixels, indices, max_error, peak)
+        coder = stream.residual_coder
+        indices = decode_residual(layer, (box.height, box.width), coder)
+        pixels = reconstruct(pixels, indices, max_error, peak, smoothed(layer, coder))
         if bitstream.pixels_crc(pixels) != crc:
             raise BitstreamError(
                 f"tile {index} decodes to other pixels than its encoder's (pixel checksum): "
                 "this machine's network arithmetic differs from the writer's, or the layer was "
-                f"altered; its pixels could be off the max error {max_error} "
+                "altered; its pixels could be off the max error "
+                f"{layer_bound(layer, max_error, coder)} "
                 "(docs/bitstream.md, versions 4 and 5)"
             )
         return pixels

@@ -52,10 +52,16 @@ class _LayeredTile:
     max_error: int
     pixel_crc: int  # of the pixels the tile decodes to
     squared_error: float
-    #: Bytes the tile adds to a version 4 container whose table already holds a one-byte
+    #: Bytes the tile adds to a version 5 container whose table already holds a one-byte
     #: residual length and max error for it: segments, their lengths, the layer, and any
     #: longer LEB128 fields.
     size: int
+    smoothed: bool = False  # the decoder smooths the layer: pixels within 2 max_error
+
+    @property
+    def bound(self) -> int:
+        """The largest pixel error the tile allows."""
+        return 2 * self.max_error if self.smoothed else self.max_error
 
 
 def ladder_max_errors(peak: int) -> list[int]:
@@ -86,7 +92,7 @@ class ResidualCandidates:
     #: A bpp target may also code a tile at half resolution by the network alone (the
     #: candidates then hold the halves too): the lowest rates' best coding.
     half_res: bool = False
-    _layered: dict[tuple[int, int], _LayeredTile] = field(default_factory=dict)
+    _layered: dict[tuple[int, int, bool], _LayeredTile] = field(default_factory=dict)
     layer_seconds: float = 0.0  # spent coding residual layers so far (each tile and D once)
 
     @classmethod
@@ -132,11 +138,12 @@ class ResidualCandidates:
         trained = load_model(model_id).trained_iterations
         return cls.encode(image, model_id, tile_size, network_iterations=trained, half_res=half_res)
 
-    def _tile(self, index: int, max_error: int) -> _LayeredTile:
+    def _tile(self, index: int, max_error: int, smoothing: bool = False) -> _LayeredTile:
         """The tile's smallest coding: the base iterations after which the layer is estimated
-        to cost least (:func:`codec.residual.estimated_bits`)."""
-        if (index, max_error) in self._layered:
-            return self._layered[index, max_error]
+        to cost least (:func:`codec.residual.estimated_bits`); with ``smoothing`` (bpp
+        targets, not bounds), smoothed where that removes squared error."""
+        if (index, max_error, smoothing) in self._layered:
+            return self._layered[index, max_error, smoothing]
         started = time.perf_counter()
         box = self.candidates.boxes[index]
         original = self.image.pixels[box.slices].astype(np.int64)
@@ -153,18 +160,24 @@ class ResidualCandidates:
         ]
         _, k, base = min(options, key=lambda option: option[0])
         indices = quantize(original - base, max_error)
-        residual = encode_residual(indices)
+        pixels = reconstruct(base, indices, max_error, self.image.peak)
+        error, smooth = float(np.sum((original - pixels) ** 2)), False
+        if smoothing and max_error:
+            smoothed = reconstruct(base, indices, max_error, self.image.peak, smooth=True)
+            smoothed_error = float(np.sum((original - smoothed) ** 2))
+            if smoothed_error < error:
+                pixels, error, smooth = smoothed, smoothed_error, True
+        residual = encode_residual(indices, smooth=smooth)
         size = segment_bytes(k) + len(residual)
         size += leb128_size(len(residual)) - 1 + leb128_size(max_error) - 1
-        pixels = reconstruct(base, indices, max_error, self.image.peak)
-        error = float(np.sum((original - pixels) ** 2))
-        tile = _LayeredTile(k, residual, max_error, pixels_crc(pixels), error, size)
-        self._layered[index, max_error] = tile
+        crc = pixels_crc(pixels)
+        tile = _LayeredTile(k, residual, max_error, crc, error, size, smooth)
+        self._layered[index, max_error, smoothing] = tile
         self.layer_seconds += time.perf_counter() - started
         return tile
 
     def _overhead(self) -> int:
-        """The version 4 container with no segments and one-byte layer fields per tile."""
+        """The version 5 container with no segments and one-byte layer fields per tile."""
         tiles = len(self.candidates.boxes)
         empty = Stream(
             self.candidates.header,
@@ -212,7 +225,7 @@ class ResidualCandidates:
         errors = ladder_max_errors(self.image.peak)
         ways = []
         for index, network in enumerate(self.candidates.ladders(half_res=self.half_res)):
-            layers = [self._tile(index, error) for error in errors]
+            layers = [self._tile(index, error, smoothing=True) for error in errors]
             totals = [layer.size for layer in layers]
             costs = [b - a for a, b in zip([0, *totals], totals, strict=False)]
             ways.append([*network, Ladder(costs, [layer.squared_error for layer in layers])])
@@ -225,7 +238,7 @@ class ResidualCandidates:
         choices: list[_Choice] = []
         for index, (way, step) in enumerate(picks):
             if way == layered_way:
-                layer = self._tile(index, errors[step - 1])
+                layer = self._tile(index, errors[step - 1], smoothing=True)
                 choices.append(_Choice(layer.iterations, layer))
             else:
                 choices.append(_Choice(step, half_res=way == 1))
@@ -233,7 +246,7 @@ class ResidualCandidates:
 
     def _result(self, choices: list[_Choice], fits: bool) -> EncodeResult:
         layers = [choice.layer for choice in choices if choice.layer is not None]
-        bound = max(layer.max_error for layer in layers) if len(layers) == len(choices) else None
+        bound = max(layer.bound for layer in layers) if len(layers) == len(choices) else None
         half = [choice.half_res for choice in choices]
         return EncodeResult(
             self._pack(choices),
@@ -290,7 +303,7 @@ def _tighten(
                 layer = choice.layer
                 if layer is None or layer.max_error == 0:
                     continue
-                tighter = image._tile(index, layer.max_error - 1)
+                tighter = image._tile(index, layer.max_error - 1, smoothing=True)
                 extra = tighter.size - layer.size
                 gain = layer.squared_error - tighter.squared_error
                 if spent + extra <= budget and gain > 0:

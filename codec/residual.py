@@ -46,7 +46,8 @@ Segment layout:
                        (its encoder picks the set with fewer estimated bits, tables included)
                        and 0x20 when it predicts by the neighbours' mean, not the cubic, and
                        0x40 when its coarse grid is coded as differences (each chosen by the
-                       encoder, whichever costs fewer estimated bits)
+                       encoder, whichever costs fewer estimated bits); 0x80 when the decoder
+                       smooths the dequantized residual (:func:`reconstruct`; bound 2D)
     per context        u8 class count n, then n LEB128 frequencies (n = 0: context unused)
     coder 2: u8 n      then n LEB128 frequencies (of 65536) of a 0 as the bit below the
                        leading one, for classes 2 .. n + 1 (the largest class in the tile)
@@ -92,6 +93,10 @@ MEAN_PREDICTION = 0x20
 #: Coder 2, in the same byte: the coarse grid is coded as differences between neighbours
 #: (smooth images), not as values (a network's residual, near zero and uncorrelated).
 GRID_DIFFERENCES = 0x40
+#: Coder 2, in the same byte: the decoder smooths the dequantized residual within its bins
+#: (:func:`reconstruct`), so the tile's pixels are within 2D of the original, not D.
+SMOOTHED = 0x80
+BINOMIAL = (1, 4, 6, 4, 1)  # the smoothing's taps, per axis (sum 16)
 
 
 def quantize(residual: np.ndarray, max_error: int) -> np.ndarray:
@@ -102,11 +107,45 @@ def quantize(residual: np.ndarray, max_error: int) -> np.ndarray:
     return np.sign(residual).astype(np.int64) * magnitude
 
 
-def reconstruct(base: np.ndarray, indices: np.ndarray, max_error: int, peak: int) -> np.ndarray:
+def reconstruct(
+    base: np.ndarray, indices: np.ndarray, max_error: int, peak: int, smooth: bool = False
+) -> np.ndarray:
     """``base`` corrected by the layer, in ``base``'s dtype (clipping only moves a pixel
-    closer to the original, which lies in ``[0, peak]``)."""
-    corrected = base.astype(np.int64) + indices * (2 * max_error + 1)
-    return np.clip(corrected, 0, peak).astype(base.dtype)
+    closer to the original, which lies in ``[0, peak]``).
+
+    With ``smooth``, the dequantized residual ``r = e (2D + 1)`` is first replaced by its 5x5
+    binomial average (integers, rounded half up, edges replicated) clipped into its own bin
+    ``[r - D, r + D]``: where a coarse layer is mostly zeros, its isolated steps of ``2D + 1``
+    become gradual (the staircase that costs SSIM), and every pixel stays within ``2D`` of the
+    original (the true residual lies in the same bin). A bpp target takes it per tile where
+    it removes squared error (docs/codec.md, stop 12)."""
+    residual = indices.astype(np.int64) * (2 * max_error + 1)
+    if smooth:
+        residual = np.clip(_binomial(residual), residual - max_error, residual + max_error)
+    return np.clip(base.astype(np.int64) + residual, 0, peak).astype(base.dtype)
+
+
+def _binomial(values: np.ndarray) -> np.ndarray:
+    padded = np.pad(values, len(BINOMIAL) // 2, mode="edge")
+    height, width = values.shape
+    rows = np.zeros((padded.shape[0], width), dtype=np.int64)
+    for i, tap in enumerate(BINOMIAL):
+        rows += tap * padded[:, i : i + width]
+    both = np.zeros((height, width), dtype=np.int64)
+    for i, tap in enumerate(BINOMIAL):
+        both += tap * rows[i : i + height]
+    scale = sum(BINOMIAL) ** 2
+    return (both + scale // 2) // scale
+
+
+def smoothed(segment: bytes, coder: int) -> bool:
+    """Whether a residual segment tells its decoder to smooth (:data:`SMOOTHED`)."""
+    return coder == 2 and bool(segment) and bool(segment[0] & SMOOTHED)
+
+
+def layer_bound(segment: bytes, max_error: int, coder: int) -> int:
+    """The largest pixel error a layer with this segment and ``max_error`` allows."""
+    return 2 * max_error if smoothed(segment, coder) else max_error
 
 
 def _bit_length(values: np.ndarray) -> np.ndarray:
@@ -548,9 +587,12 @@ def _entropy_code(
     return words_to_bytes(encoder.get_compressed()), np.packbits(np.concatenate(raw)).tobytes()
 
 
-def encode_residual(indices: np.ndarray, coder: int = LATEST_CODER) -> bytes:
-    """One tile's ``(h, w)`` quantization indices as a residual segment of ``coder``."""
+def encode_residual(indices: np.ndarray, coder: int = LATEST_CODER, smooth: bool = False) -> bytes:
+    """One tile's ``(h, w)`` quantization indices as a residual segment of ``coder``; with
+    ``smooth`` (coder 2), one whose decoder smooths (:func:`reconstruct`)."""
     _check_coder(coder)
+    if smooth and coder == 1:
+        raise ValueError("residual coder 1 has no smoothing")
     if indices.ndim != 2 or np.abs(indices).max(initial=0) > MAX_INDEX:
         raise ValueError(f"indices must be a 2-D array within +-{MAX_INDEX}")
     indices = indices.astype(np.int64)
@@ -566,7 +608,7 @@ def encode_residual(indices: np.ndarray, coder: int = LATEST_CODER) -> bytes:
         top_tables, zero_frequencies = _top_tables(coded)
         tables += top_tables
     flags = (0 if cubic or coder == 1 else MEAN_PREDICTION) | (GRID_DIFFERENCES if grid else 0)
-    flags |= SPREAD_ONLY if spread_only else 0
+    flags |= (SPREAD_ONLY if spread_only else 0) | (SMOOTHED if smooth else 0)
     coded_part, raw = _entropy_code(coded, frequencies, zero_frequencies, coder)
     return bytes([weight | flags]) + tables + leb128(len(coded_part)) + coded_part + raw
 
@@ -686,7 +728,7 @@ def decode_residual(data: bytes, shape: tuple[int, int], coder: int = LATEST_COD
     try:
         cursor = _Cursor(data)
         first = cursor.byte("prediction weight")
-        flags = SPREAD_ONLY | MEAN_PREDICTION | GRID_DIFFERENCES if coder == 2 else 0
+        flags = SPREAD_ONLY | MEAN_PREDICTION | GRID_DIFFERENCES | SMOOTHED if coder == 2 else 0
         weight, spread_only = first & ~flags, bool(first & flags & SPREAD_ONLY)
         cubic = coder == 2 and not first & MEAN_PREDICTION
         grid_differences = bool(first & flags & GRID_DIFFERENCES)

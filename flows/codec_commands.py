@@ -15,6 +15,7 @@ from codec.io import ImageError, write_png
 from codec.learned import decode_image, encode_image
 from codec.metrics import bits_per_pixel, measure
 from codec.rate import RateControl
+from codec.residual import layer_bound, smoothed
 from codec.weights import DEFAULT_MODEL_ID, installed_models
 
 console = Console()
@@ -45,7 +46,7 @@ def encode(
         typer.Option(
             min=0,
             help="Near-lossless: no pixel off by more than this many levels (0: lossless); "
-            "network iterations plus a residual layer (format 4 stream).",
+            "network iterations plus a residual layer (format 5 stream).",
         ),
     ] = None,
     model: Annotated[str, typer.Option(help="Model id of the installed weights.")] = (
@@ -70,7 +71,8 @@ def encode(
         bool,
         typer.Option(
             help="With --bpp: add a residual layer and keep the smallest max pixel error that "
-            "fits: rates above the network's reach (about 1 bpp), up to lossless."
+            "fits: rates above the network's reach (about 1 bpp), up to lossless. Coarse "
+            "layers may be smoothed (pixels within twice their quantizer's error; info shows it)."
         ),
     ] = False,
     refine_steps: Annotated[
@@ -166,9 +168,14 @@ def info(src: Annotated[Path, typer.Argument(help="Radiarc stream.")]) -> None:
         f"{bits_per_pixel(len(data), header.width * header.height):.4f} bpp"
     )
     layered = [stream.residual(index) for index in range(len(stream.tiles))]
-    max_errors = sorted({layer[1] for layer in layered if layer is not None})
+    coder = stream.residual_coder
+    max_errors = sorted(
+        {layer_bound(layer[0], layer[1], coder) for layer in layered if layer is not None}
+    )
     if max_errors:
         bound = "lossless" if max_errors == [0] else f"max error {'/'.join(map(str, max_errors))}"
+        smoothed_tiles = sum(1 for layer in layered if layer and smoothed(layer[0], coder))
+        bound += f" ({smoothed_tiles} smoothed)" if smoothed_tiles else ""
         console.print(
             f"residual layer on {len(layered) - layered.count(None)} of {len(layered)} tiles: "
             f"{bound}"

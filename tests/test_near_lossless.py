@@ -31,8 +31,10 @@ from codec.residual import (
     MAX_INDEX,
     decode_residual,
     encode_residual,
+    layer_bound,
     quantize,
     reconstruct,
+    smoothed,
 )
 from codec.weights import DEFAULT_MODEL_ID
 from codec.zarr_codec import RadiarcZarrCodec
@@ -259,6 +261,55 @@ def test_bpp_target_mixes_network_and_layers_better_than_either_alone(
         high.max_error
     )
     assert not layered.at_bpp(0.01).target_met
+
+
+@pytest.mark.parametrize("max_error", [0, 1, 4, 31])
+def test_smoothing_stays_within_twice_the_bound(max_error: int, chest_xray: GrayImage) -> None:
+    """The smoothed reconstruction stays in each pixel's bin: within 2D of the original (D at
+    D = 0: lossless stays lossless), on a real radiograph against a blurred base."""
+    original = chest_xray.pixels[200:328, 300:428].astype(np.int64)
+    base = np.clip(
+        original + np.random.default_rng(max_error).integers(-40, 41, (128, 128)), 0, 255
+    )
+    base = base.astype(np.uint8)
+    indices = quantize(original - base, max_error)
+    smooth = reconstruct(base, indices, max_error, 255, smooth=True)
+    assert np.abs(smooth.astype(np.int64) - original).max() <= 2 * max_error
+    if max_error == 0:
+        assert np.array_equal(smooth, original)
+
+
+def test_a_smoothed_layer_says_so_and_decodes_to_its_encoders_pixels(
+    odd_crop: GrayImage, tmp_path: Path
+) -> None:
+    """bpp targets smooth a layered tile where that removes squared error: the flag is in the
+    segment (coder 2 only), the reader smooths too (the pixel checksum would stop it
+    otherwise), the tile's error is below the unsmoothed layer's on decoded pixels, and every
+    pixel is within the bound ``radiarc info`` and the result report."""
+    with pytest.raises(ValueError, match="no smoothing"):
+        encode_residual(np.zeros((4, 4), dtype=np.int64), coder=1, smooth=True)
+    layered = ResidualCandidates.for_bpp(odd_crop, tile_size=64)
+    plain, smoothed_tile = layered._tile(0, 8), layered._tile(0, 8, smoothing=True)
+    assert smoothed_tile.smoothed and not plain.smoothed  # measured: it pays on this tile
+    assert smoothed_tile.squared_error < plain.squared_error
+    assert smoothed_tile.bound == 16 and layer_bound(smoothed_tile.residual, 8, 2) == 16
+    assert smoothed(smoothed_tile.residual, 2) and not smoothed(smoothed_tile.residual, 1)
+    high = layered.at_bpp(2.0)
+    stream = bitstream.unpack(high.data)
+    layers = [stream.residual(i) for i in range(len(stream.tiles))]
+    assert any(layer and smoothed(layer[0], 2) for layer in layers)
+    decoded = decode_image(high.data).pixels.astype(np.int64)
+    assert high.max_error is not None
+    assert np.abs(decoded - odd_crop.pixels).max() <= high.max_error
+    for index, layer in enumerate(layers):
+        assert layer is not None
+        box = layered.candidates.boxes[index]
+        tile_error = np.abs(decoded[box.slices] - odd_crop.pixels[box.slices]).max()
+        assert tile_error <= layer_bound(layer[0], layer[1], 2)
+    path = tmp_path / "smoothed.rdrc"
+    path.write_bytes(high.data)
+    described = runner.invoke(app, ["info", str(path)])
+    assert described.exit_code == 0 and "smoothed)" in described.output
 
 
 def test_rate_control_accepts_the_modes_alone() -> None:
