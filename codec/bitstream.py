@@ -32,7 +32,8 @@ the tile's checksum.
 
 Format version 5 is version 4 whose residual segments are written by the residual layer's
 coder 2 (cubic, edge-following interpolation; contexts with error energy; the bit below each
-leading one range-coded: 2-5% smaller lossless). Version 4 streams keep decoding with coder 1.
+leading one range-coded: 0.7-5.4% smaller lossless; and layers a bpp target may smooth).
+Version 4 streams keep decoding with coder 1.
 
 Any prefix of a tile's iterations is a valid coarser stream (:func:`keep_iterations` rewrites
 the table), and each tile can be checked and decoded without the others.

@@ -310,6 +310,7 @@ def estimated_bits(indices: np.ndarray) -> float:
     chest X-ray's near-lossless ladder, docs/codec.md stop 12)."""
     flat, steps = indices.astype(np.int64).ravel(), _steps(indices.shape)
     interpolations = [_interpolation(flat, step, cubic=False) for step in steps]
+    # Coder 1's contexts read no magnitudes: any array of the right size stands in.
     contexts = np.concatenate([_contexts(flat, flat, step, 1) for step in steps])
     costs = []
     values = [flat[step.positions] for step in steps]
