@@ -312,16 +312,13 @@ def estimated_bits(indices: np.ndarray) -> float:
     interpolations = [_interpolation(flat, step, cubic=False) for step in steps]
     # Coder 1's contexts read no magnitudes: any array of the right size stands in.
     contexts = np.concatenate([_contexts(flat, flat, step, 1) for step in steps])
-    costs = []
-    values = [flat[step.positions] for step in steps]
-    for weight in (0, WEIGHTS - 1):  # noise, structure
+    values = np.concatenate([flat[step.positions] for step in steps])
+
+    def cost(weight: int) -> float:
         predictions = [interpolation.prediction(weight) for interpolation in interpolations]
-        differences = np.concatenate(values) - np.concatenate(predictions)
-        classes = _bit_length(np.abs(differences))
-        class_bits = _entropy_bits(_class_counts(contexts, classes, CONTEXTS[1]))
-        raw = np.count_nonzero(differences) + int(np.maximum(classes - 1, 0).sum())
-        costs.append(class_bits + raw)
-    return min(costs)
+        return _ideal_bits(values - np.concatenate(predictions), contexts)
+
+    return min(cost(0), cost(WEIGHTS - 1))  # noise, structure
 
 
 def _coarse_shape(shape: tuple[int, int]) -> tuple[int, int]:
@@ -432,14 +429,15 @@ def _shifts(widths: np.ndarray) -> np.ndarray:
     return np.arange(max(int(widths.max(initial=0)), 1) - 1, -1, -1)
 
 
-def _ideal_bits(differences: np.ndarray) -> float:
-    """What coding ``differences`` costs under one ideal table: their classes' entropy, plus
-    the signs and low bits."""
+def _ideal_bits(differences: np.ndarray, contexts: np.ndarray | None = None) -> float:
+    """What coding ``differences`` costs under ideal tables, one per context (one in all
+    without ``contexts``): their classes' entropy, plus the signs and low bits."""
     classes = _bit_length(np.abs(differences))
-    counts = np.bincount(classes)
-    used = counts[counts > 0]
-    entropy = float(-(used * np.log2(used / classes.size)).sum())
-    return entropy + np.count_nonzero(differences) + float(np.maximum(classes - 1, 0).sum())
+    if contexts is None:
+        contexts = np.zeros_like(classes)
+    counts = _class_counts(contexts, classes, int(contexts.max(initial=0)) + 1)
+    raw = np.count_nonzero(differences) + float(np.maximum(classes - 1, 0).sum())
+    return _entropy_bits(counts) + raw
 
 
 def _choose_prediction(
