@@ -35,6 +35,13 @@ coder 2 (cubic, edge-following interpolation; contexts with error energy; the bi
 leading one range-coded: 0.7-5.4% smaller lossless; and layers a bpp target may smooth).
 Version 4 streams keep decoding with coder 1.
 
+Format version 6 is version 5 with a coarse correction per tile (codec/coarse.py: the network's
+low-frequency error as block means, added back bilinearly): each tile's table entry holds the
+LEB128 length of its coarse segment (0: none) just before its residual length, the segment
+follows the iteration segments (before the residual segment, under the tile's checksum), and
+the pixel checksum covers any tile with a correction or a layer. Streams with no correction
+stay version 5 or older.
+
 Any prefix of a tile's iterations is a valid coarser stream (:func:`keep_iterations` rewrites
 the table), and each tile can be checked and decoded without the others.
 """
@@ -54,15 +61,17 @@ BLOCK_STOPS_VERSION = 2  # segments carry which blocks are still refined
 TILE_MODES_VERSION = 3  # a flags byte, and a mode (full or half resolution) per tile
 RESIDUAL_VERSION = 4  # version 3, and a residual layer per tile (residual coder 1)
 RESIDUAL_CODER_2_VERSION = 5  # version 4 whose residual segments use coder 2
+COARSE_VERSION = 6  # version 5, and a coarse correction per tile
 KNOWN_VERSIONS = (
     FORMAT_VERSION,
     BLOCK_STOPS_VERSION,
     TILE_MODES_VERSION,
     RESIDUAL_VERSION,
     RESIDUAL_CODER_2_VERSION,
+    COARSE_VERSION,
 )
 #: The residual coder (codec/residual.py) of each version that has residual layers.
-RESIDUAL_CODERS = {RESIDUAL_VERSION: 1, RESIDUAL_CODER_2_VERSION: 2}
+RESIDUAL_CODERS = {RESIDUAL_VERSION: 1, RESIDUAL_CODER_2_VERSION: 2, COARSE_VERSION: 2}
 BLOCK_STOPS_FLAG = 1  # version 3 flags, bit 0
 FULL_RESOLUTION, HALF_RESOLUTION = 0, 1  # version 3 tile modes
 HASH_BYTES = 8
@@ -119,7 +128,9 @@ class StreamHeader:
 class Stream:
     """A header and, per tile (row-major), the entropy-coded segment of each iteration, which
     tiles are coded at half resolution (empty: none is), and each tile's residual layer and the
-    largest pixel error it allows (empty: no tile has one; ``b""``: this tile has none)."""
+    largest pixel error it allows (empty: no tile has one; ``b""``: this tile has none), and
+    each tile's coarse correction (the same convention; a stream with any needs the residual
+    fields too, for the pixel checksums)."""
 
     header: StreamHeader
     tiles: list[list[bytes]] = field(default_factory=list)
@@ -128,6 +139,7 @@ class Stream:
     max_errors: list[int] = field(default_factory=list)
     pixel_crcs: list[int] = field(default_factory=list)  # CRC-32 of each layered tile's pixels
     residual_coder: int = 2  # which coder wrote the residual segments (codec/residual.py)
+    coarse: list[bytes] = field(default_factory=list)  # coarse segments (codec/coarse.py)
 
     def iterations(self) -> list[int]:
         return [len(segments) for segments in self.tiles]
@@ -141,6 +153,16 @@ class Stream:
         if not self.residuals or not self.residuals[tile]:
             return None
         return self.residuals[tile], self.max_errors[tile], self.pixel_crcs[tile]
+
+    def coarse_segment(self, tile: int) -> bytes | None:
+        """The tile's coarse correction segment, if it has one."""
+        if not self.coarse or not self.coarse[tile]:
+            return None
+        return self.coarse[tile]
+
+    def checks_pixels(self, tile: int) -> bool:
+        """Whether the tile's pixel checksum is written: it has a correction or a layer."""
+        return self.residual(tile) is not None or self.coarse_segment(tile) is not None
 
 
 def leb128(value: int) -> bytes:
@@ -188,8 +210,12 @@ class _Reader:
 
 def format_version(stream: Stream) -> int:
     """The version :func:`pack` writes ``stream`` as: the oldest that can hold it."""
+    if any(stream.coarse):
+        if stream.residual_coder != RESIDUAL_CODERS[COARSE_VERSION]:
+            raise ValueError(f"format {COARSE_VERSION} holds residual coder 2 only")
+        return COARSE_VERSION
     if any(stream.residuals):
-        versions = {coder: version for version, coder in RESIDUAL_CODERS.items()}
+        versions = {coder: version for version, coder in reversed(RESIDUAL_CODERS.items())}
         if stream.residual_coder not in versions:
             raise ValueError(f"no stream format holds residual coder {stream.residual_coder}")
         return versions[stream.residual_coder]
@@ -207,6 +233,8 @@ def pack(stream: Stream) -> bytes:
     counts = {len(stream.tiles), len(stream.residuals), len(stream.max_errors)}
     if stream.residuals and len(counts | {len(stream.pixel_crcs)}) > 1:
         raise ValueError("need one residual segment, max error and pixel CRC per tile")
+    if stream.coarse and (len(stream.coarse) != len(stream.tiles) or not stream.residuals):
+        raise ValueError("need one coarse segment per tile, and the residual fields")
     version = format_version(stream)  # the oldest that holds it: older readers read those
     tile_modes = version >= TILE_MODES_VERSION
     residuals = version in RESIDUAL_CODERS
@@ -227,6 +255,8 @@ def pack(stream: Stream) -> bytes:
         out.append(len(segments))
         for segment in segments:
             out += leb128(len(segment))
+        if version == COARSE_VERSION:
+            out += leb128(len(stream.coarse[index]))
         if residuals:
             out += leb128(len(stream.residuals[index])) + leb128(stream.max_errors[index])
             out += struct.pack("<I", stream.pixel_crcs[index])
@@ -238,7 +268,12 @@ def pack(stream: Stream) -> bytes:
 
 
 def _tile_payload(stream: Stream, tile: int) -> bytes:
-    return b"".join(stream.tiles[tile]) + (stream.residuals[tile] if stream.residuals else b"")
+    coarse = stream.coarse[tile] if stream.coarse else b""
+    return (
+        b"".join(stream.tiles[tile])
+        + coarse
+        + (stream.residuals[tile] if stream.residuals else b"")
+    )
 
 
 @dataclass(frozen=True)
@@ -249,6 +284,12 @@ class _TileEntry:
     residual_length: int = 0
     max_error: int = 0
     pixel_crc: int = 0
+    coarse_length: int = 0
+
+    @property
+    def payload(self) -> int:
+        """Bytes of the tile's payload."""
+        return sum(self.lengths) + self.coarse_length + self.residual_length
 
 
 def _read_header(reader: _Reader) -> tuple[StreamHeader, list[_TileEntry], int]:
@@ -293,7 +334,9 @@ def _read_header(reader: _Reader) -> tuple[StreamHeader, list[_TileEntry], int]:
                 raise BitstreamError(f"unknown tile mode {mode}")
         count = reader.take(1, "tile table")[0]
         lengths = [reader.leb128("tile table") for _ in range(count)]
-        residual_length = max_error = pixel_crc = 0
+        residual_length = max_error = pixel_crc = coarse_length = 0
+        if version == COARSE_VERSION:
+            coarse_length = reader.leb128("coarse length")
         if version in RESIDUAL_CODERS:
             residual_length = reader.leb128("residual length")
             max_error = reader.leb128("residual max error")
@@ -302,7 +345,9 @@ def _read_header(reader: _Reader) -> tuple[StreamHeader, list[_TileEntry], int]:
             (pixel_crc,) = struct.unpack("<I", reader.take(4, "pixel checksum"))
         (crc,) = struct.unpack("<I", reader.take(4, "tile checksum"))
         half = mode == HALF_RESOLUTION
-        table.append(_TileEntry(lengths, crc, half, residual_length, max_error, pixel_crc))
+        table.append(
+            _TileEntry(lengths, crc, half, residual_length, max_error, pixel_crc, coarse_length)
+        )
     (stored,) = struct.unpack("<I", reader.take(4, "header checksum"))
     if zlib.crc32(reader.data[: reader.offset - 4]) != stored:
         raise BitstreamError("header checksum mismatch (corrupt stream)")
@@ -321,18 +366,20 @@ def unpack(data: bytes, tiles: set[int] | None = None) -> Stream:
     """
     reader = _Reader(data)
     header, table, version = _read_header(reader)
-    payload_size = sum(sum(entry.lengths) + entry.residual_length for entry in table)
+    payload_size = sum(entry.payload for entry in table)
     if len(data) - reader.offset != payload_size:
         raise BitstreamError(
             f"payload is {len(data) - reader.offset} bytes, the tile table says {payload_size}"
         )
     decoded: list[list[bytes]] = []
     residuals: list[bytes] = []
+    coarse: list[bytes] = []
     for index, entry in enumerate(table):
-        raw = reader.take(sum(entry.lengths) + entry.residual_length, f"tile {index}")
+        raw = reader.take(entry.payload, f"tile {index}")
         if tiles is not None and index not in tiles:
             decoded.append([])
             residuals.append(b"")
+            coarse.append(b"")
             continue
         if zlib.crc32(raw) != entry.crc:
             raise BitstreamError(f"tile {index} checksum mismatch (corrupt stream)")
@@ -340,19 +387,31 @@ def unpack(data: bytes, tiles: set[int] | None = None) -> Stream:
         for length in entry.lengths:
             offsets.append(offsets[-1] + length)
         decoded.append([raw[a:b] for a, b in itertools.pairwise(offsets)])
-        residuals.append(raw[offsets[-1] :])
+        coarse.append(raw[offsets[-1] : offsets[-1] + entry.coarse_length])
+        residuals.append(raw[offsets[-1] + entry.coarse_length :])
     half_res = [entry.half_res for entry in table]
-    if not any(entry.residual_length for entry in table):
+    if not any(entry.residual_length or entry.coarse_length for entry in table):
         return Stream(header, decoded, half_res if any(half_res) else [])
     max_errors = [entry.max_error for entry in table]
     crcs = [entry.pixel_crc for entry in table]
     half = half_res if any(half_res) else []
-    return Stream(header, decoded, half, residuals, max_errors, crcs, RESIDUAL_CODERS[version])
+    has_coarse = version == COARSE_VERSION
+    return Stream(
+        header,
+        decoded,
+        half,
+        residuals,
+        max_errors,
+        crcs,
+        RESIDUAL_CODERS[version],
+        coarse if has_coarse else [],
+    )
 
 
 def keep_iterations(data: bytes, iterations: int) -> bytes:
     """The lower-rate stream made of each tile's first ``iterations`` segments. A tile keeps
-    its residual layer only if it keeps all its iterations: the layer corrects those."""
+    its residual layer and coarse correction only if it keeps all its iterations: they
+    correct those."""
     if iterations < 1:
         raise ValueError("keep at least one iteration")
     stream = unpack(data)
@@ -363,6 +422,14 @@ def keep_iterations(data: bytes, iterations: int) -> bytes:
             stream.tiles, stream.residuals or [b""] * len(stream.tiles), strict=True
         )
     ]
-    if not any(residuals):
+    coarse = [
+        segment if len(segments) <= iterations else b""
+        for segments, segment in zip(
+            stream.tiles, stream.coarse or [b""] * len(stream.tiles), strict=True
+        )
+    ]
+    if not any(residuals) and not any(coarse):
         return pack(Stream(stream.header, kept, stream.half_res))
-    return pack(replace(stream, tiles=kept, residuals=residuals))
+    return pack(
+        replace(stream, tiles=kept, residuals=residuals, coarse=coarse if any(coarse) else [])
+    )

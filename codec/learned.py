@@ -19,6 +19,7 @@ import torch
 from codec import bitstream, entropy, resolution
 from codec.bitstream import BitstreamError, Stream, StreamHeader
 from codec.block_stops import ThresholdSearch, block_stop_rule
+from codec.coarse import apply_correction, decode_coarse
 from codec.io import GrayImage, peak_value
 from codec.metrics import WINDOW, ssim
 from codec.rate import (
@@ -546,20 +547,27 @@ def decode_image(
     def decode(index: int) -> np.ndarray:
         box, segments = boxes[index], kept[index]
         pixels = decode_tile(loaded, header, box, stream.is_half_res(index), segments)[-1]
+        if not stream.checks_pixels(index) or len(segments) < len(stream.tiles[index]):
+            return pixels  # no correction, or a prefix of iterations it does not correct
+        shape = (box.height, box.width)
+        coarse = stream.coarse_segment(index)
+        if coarse is not None:
+            pixels = apply_correction(pixels, decode_coarse(coarse, shape, peak), peak)
         residual = stream.residual(index)
-        if residual is None or len(segments) < len(stream.tiles[index]):
-            return pixels  # no layer, or a prefix of iterations the layer does not correct
-        layer, max_error, crc = residual
-        coder = stream.residual_coder
-        indices = decode_residual(layer, (box.height, box.width), coder)
-        pixels = reconstruct(pixels, indices, max_error, peak, smoothed(layer, coder))
-        if bitstream.pixels_crc(pixels) != crc:
+        bound = ""
+        if residual is not None:
+            layer, max_error, _ = residual
+            coder = stream.residual_coder
+            indices = decode_residual(layer, shape, coder)
+            pixels = reconstruct(pixels, indices, max_error, peak, smoothed(layer, coder))
+            bound = (
+                f"; its pixels could be off the max error {layer_bound(layer, max_error, coder)}"
+            )
+        if bitstream.pixels_crc(pixels) != stream.pixel_crcs[index]:
             raise BitstreamError(
                 f"tile {index} decodes to other pixels than its encoder's (pixel checksum): "
                 "this machine's network arithmetic differs from the writer's, or the layer was "
-                "altered; its pixels could be off the max error "
-                f"{layer_bound(layer, max_error, coder)} "
-                "(docs/bitstream.md, versions 4 and 5)"
+                f"altered{bound} (docs/bitstream.md, versions 4 to 6)"
             )
         return pixels
 

@@ -17,6 +17,12 @@ network's iterations alone (best at the lowest rates) or a residual layer with s
 cheapest base; a stream may mix them, and its layers may have different bounds. This reaches the
 rates a 10-iteration network cannot (2-4 bpp on high-bit DICOMs) and, from about 0.25 bpp on
 chest radiographs, beats the network alone (docs/codec.md, "Stop 11").
+
+A bpp target also weighs coarse corrections (:mod:`codec.coarse`: block means of what the
+network left, added back bilinearly; format 6): over 1-4 network iterations alone, as ways of
+their own (:data:`COARSE_OPTIONS`), and under residual layers (:data:`LAYER_COARSE_OPTIONS`),
+where a coarse layer would otherwise round away the slow shading error below its D
+(docs/codec.md, "Stop 13").
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from codec import bitstream
+from codec import bitstream, coarse
 from codec.bitstream import Stream, leb128_size, pixels_crc
 from codec.io import GrayImage
 from codec.learned import (
@@ -43,6 +49,13 @@ from codec.tile_threads import map_tiles
 from codec.weights import DEFAULT_MODEL_ID, load_model
 
 BASE_ITERATIONS = (0, 1, 2, 3, 4)
+#: The coarse corrections (block side, step) a bpp target offers over 1-4 network iterations:
+#: each is a way of its own in the allocation, so a tile takes at most one.
+COARSE_OPTIONS = ((16, 2), (8, 2), (8, 1), (4, 3))
+#: Under residual layers: none, 8x8 or 4x4 blocks at step 3. A coarse layer (large D) rounds
+#: away the slow shading error below D that a correction removes first (on a val image's tile at
+#: D = 11, mean squared error 13.7 -> 7.6 with 10% fewer bytes; docs/codec.md, "Stop 13").
+LAYER_COARSE_OPTIONS: tuple[tuple[int, int] | None, ...] = (None, (8, 3), (4, 3))
 
 
 @dataclass(frozen=True)
@@ -52,11 +65,14 @@ class _LayeredTile:
     max_error: int
     pixel_crc: int  # of the pixels the tile decodes to
     squared_error: float
-    #: Bytes the tile adds to a version 5 container whose table already holds a one-byte
-    #: residual length and max error for it: segments, their lengths, the layer, and any
-    #: longer LEB128 fields.
+    #: Bytes the tile adds to a container whose table already holds a one-byte residual
+    #: length, max error and coarse length for it: segments, their lengths, the layer, any
+    #: coarse segment, and any longer LEB128 fields.
     size: int
     smoothed: bool = False  # the decoder smooths the layer: pixels within 2 max_error
+    #: The coarse correction under the layer, as (block side, step), and its segment.
+    coarse_option: tuple[int, int] | None = None
+    coarse: bytes = b""
 
     @property
     def bound(self) -> int:
@@ -72,12 +88,25 @@ def ladder_max_errors(peak: int) -> list[int]:
 
 
 @dataclass(frozen=True)
+class _CoarseTile:
+    """A tile's first iterations and the coarse correction of what they left."""
+
+    iterations: int
+    segment: bytes
+    pixel_crc: int
+    squared_error: float
+    size: int  # bytes of the tile's iterations, the segment and its length field
+
+
+@dataclass(frozen=True)
 class _Choice:
-    """How one tile is coded: its iterations, at half resolution or not, and its layer."""
+    """How one tile is coded: its iterations, at half resolution or not, and its layer or
+    its coarse correction."""
 
     iterations: int
     layer: _LayeredTile | None = None
     half_res: bool = False
+    coarse: _CoarseTile | None = None
 
 
 @dataclass
@@ -92,7 +121,20 @@ class ResidualCandidates:
     #: A bpp target may also code a tile at half resolution by the network alone (the
     #: candidates then hold the halves too): the lowest rates' best coding.
     half_res: bool = False
-    _layered: dict[tuple[int, int, bool], _LayeredTile] = field(default_factory=dict)
+    #: With ``half_res``, per tile the pixels after each base iteration count of the
+    #: half-resolution coding (None for 0), which coarse corrections may also correct.
+    half_bases: list[list[np.ndarray | None]] = field(default_factory=list)
+    #: The coarse corrections a bpp target weighs, as (block side, step); () for none.
+    coarse_options: tuple[tuple[int, int], ...] = COARSE_OPTIONS
+    #: Coarse corrections under layers a bpp target weighs (:data:`LAYER_COARSE_OPTIONS`).
+    layer_coarse_options: tuple[tuple[int, int] | None, ...] = LAYER_COARSE_OPTIONS
+    _layered: dict[tuple[int, int, bool, tuple[int, int] | None], _LayeredTile] = field(
+        default_factory=dict
+    )
+    _coarse: dict[tuple[int, int, int, int, bool], _CoarseTile] = field(default_factory=dict)
+    _corrections: dict[tuple[int, int, int, int, bool], tuple[np.ndarray, bytes]] = field(
+        default_factory=dict
+    )
     layer_seconds: float = 0.0  # spent coding residual layers so far (each tile and D once)
 
     @classmethod
@@ -122,8 +164,16 @@ class ResidualCandidates:
             flat = decode_tile(loaded, header, box, False, [])[0]
             return [every[k - 1] if k else flat for k in counts]
 
-        bases = map_tiles(decoded, list(range(len(candidates.boxes))))
-        return cls(image, candidates, bases, counts, half_res)
+        def decoded_halves(index: int) -> list[np.ndarray | None]:
+            assert candidates.halves is not None
+            box, segments = candidates.boxes[index], candidates.halves[index].segments
+            every = decode_tile(loaded, header, box, True, segments[: counts[-1]], True)
+            return [every[k - 1] if 0 < k <= len(every) else None for k in counts]
+
+        tiles = list(range(len(candidates.boxes)))
+        bases = map_tiles(decoded, tiles)
+        halves = map_tiles(decoded_halves, tiles) if half_res else []
+        return cls(image, candidates, bases, counts, half_res, halves)
 
     @classmethod
     def for_bpp(
@@ -138,27 +188,35 @@ class ResidualCandidates:
         trained = load_model(model_id).trained_iterations
         return cls.encode(image, model_id, tile_size, network_iterations=trained, half_res=half_res)
 
-    def _tile(self, index: int, max_error: int, smoothing: bool = False) -> _LayeredTile:
+    def _tile(
+        self,
+        index: int,
+        max_error: int,
+        smoothing: bool = False,
+        coarse_option: tuple[int, int] | None = None,
+    ) -> _LayeredTile:
         """The tile's smallest coding: the base iterations after which the layer is estimated
         to cost least (:func:`codec.residual.estimated_bits`); with ``smoothing`` (bpp
-        targets, not bounds), smoothed where that removes squared error."""
-        if (index, max_error, smoothing) in self._layered:
-            return self._layered[index, max_error, smoothing]
+        targets, not bounds), smoothed where that removes squared error; with
+        ``coarse_option``, on the bases after a coarse correction (:mod:`codec.coarse`)."""
+        key = (index, max_error, smoothing, coarse_option)
+        if key in self._layered:
+            return self._layered[key]
         started = time.perf_counter()
         box = self.candidates.boxes[index]
         original = self.image.pixels[box.slices].astype(np.int64)
-        segments = self.candidates.tiles[index].segments
-
-        def segment_bytes(k: int) -> int:
-            return sum(len(s) + leb128_size(len(s)) for s in segments[:k])
 
         # The base whose layer is estimated smallest; only that layer is really coded (the
         # coder costs five estimates' time, and ranks bases much as they estimate).
-        options = [
-            (segment_bytes(k) + estimated_bits(quantize(original - base, max_error)) / 8, k, base)
-            for k, base in zip(self.base_iterations, self.bases[index], strict=True)
-        ]
-        _, k, base = min(options, key=lambda option: option[0])
+        options = []
+        for k in self.base_iterations:
+            if coarse_option is not None and k == 0:
+                continue
+            base, segment = self._base(index, k, coarse_option)
+            bits = estimated_bits(quantize(original - base, max_error))
+            options.append((self._segment_bytes(index, k) + len(segment) + bits / 8, k))
+        _, k = min(options)
+        base, coarse_segment = self._base(index, k, coarse_option)
         indices = quantize(original - base, max_error)
         pixels = reconstruct(base, indices, max_error, self.image.peak)
         error, smooth = float(np.sum((original - pixels) ** 2)), False
@@ -168,16 +226,78 @@ class ResidualCandidates:
             if smoothed_error < error:
                 pixels, error, smooth = smoothed, smoothed_error, True
         residual = encode_residual(indices, smooth=smooth)
-        size = segment_bytes(k) + len(residual)
+        size = self._segment_bytes(index, k) + len(residual) + len(coarse_segment)
         size += leb128_size(len(residual)) - 1 + leb128_size(max_error) - 1
+        size += leb128_size(len(coarse_segment)) - 1
         crc = pixels_crc(pixels)
-        tile = _LayeredTile(k, residual, max_error, crc, error, size, smooth)
-        self._layered[index, max_error, smoothing] = tile
+        tile = _LayeredTile(
+            k, residual, max_error, crc, error, size, smooth, coarse_option, coarse_segment
+        )
+        self._layered[key] = tile
         self.layer_seconds += time.perf_counter() - started
         return tile
 
+    def _segment_bytes(self, index: int, iterations: int, half_res: bool = False) -> int:
+        tiles = self.candidates.halves if half_res else self.candidates.tiles
+        assert tiles is not None
+        segments = tiles[index].segments[:iterations]
+        return sum(len(s) + leb128_size(len(s)) for s in segments)
+
+    def _correction(
+        self, index: int, iterations: int, factor: int, step: int, half_res: bool = False
+    ) -> tuple[np.ndarray, bytes]:
+        """The tile's pixels after ``iterations`` (at half resolution or full) and a coarse
+        correction (:mod:`codec.coarse`), and the correction's segment."""
+        key = (index, iterations, factor, step, half_res)
+        if key not in self._corrections:
+            box = self.candidates.boxes[index]
+            original = self.image.pixels[box.slices].astype(np.int64)
+            bases = self.half_bases if half_res else self.bases
+            base = bases[index][self.base_iterations.index(iterations)]
+            assert base is not None  # only iterations the tile has are offered
+            indices = coarse.quantize_means(original - base, factor, step)
+            addition = coarse.correction(indices, factor, step, base.shape)
+            pixels = coarse.apply_correction(base, addition, self.image.peak)
+            self._corrections[key] = (pixels, coarse.encode_coarse(indices, factor, step))
+        return self._corrections[key]
+
+    def _base(
+        self, index: int, iterations: int, coarse_option: tuple[int, int] | None
+    ) -> tuple[np.ndarray, bytes]:
+        """A full-resolution base for a layer, with its coarse segment (``b""``: none)."""
+        if coarse_option is None:
+            return self.bases[index][self.base_iterations.index(iterations)], b""
+        return self._correction(index, iterations, *coarse_option)
+
+    def _corrected(
+        self, index: int, iterations: int, factor: int, step: int, half_res: bool = False
+    ) -> _CoarseTile:
+        """The tile after ``iterations`` (at half resolution or full) with a coarse
+        correction, as a coding of its own."""
+        key = (index, iterations, factor, step, half_res)
+        if key not in self._coarse:
+            started = time.perf_counter()
+            box = self.candidates.boxes[index]
+            original = self.image.pixels[box.slices].astype(np.int64)
+            pixels, segment = self._correction(index, iterations, factor, step, half_res)
+            size = self._segment_bytes(index, iterations, half_res) + len(segment)
+            size += leb128_size(len(segment)) - 1  # the table holds one byte for it anyway
+            error = float(np.sum((original - pixels) ** 2))
+            self._coarse[key] = _CoarseTile(iterations, segment, pixels_crc(pixels), error, size)
+            self.layer_seconds += time.perf_counter() - started
+        return self._coarse[key]
+
+    def _coarse_iterations(self) -> list[int]:
+        return [k for k in self.base_iterations if k >= 1]
+
+    def _coarse_ways(self) -> list[tuple[int, int, bool]]:
+        """(block side, step, half resolution) of each coarse way, in ladder order."""
+        modes = (False, True) if self.half_res else (False,)
+        return [(factor, step, half) for half in modes for factor, step in self.coarse_options]
+
     def _overhead(self) -> int:
-        """The version 5 container with no segments and one-byte layer fields per tile."""
+        """The version 6 container with no segments and one-byte layer and correction fields
+        per tile (a stream with neither is a few bytes smaller)."""
         tiles = len(self.candidates.boxes)
         empty = Stream(
             self.candidates.header,
@@ -185,8 +305,9 @@ class ResidualCandidates:
             residuals=[b"\0"] * tiles,
             max_errors=[0] * tiles,
             pixel_crcs=[0] * tiles,
+            coarse=[b"\0"] * tiles,
         )
-        return len(bitstream.pack(empty)) - tiles
+        return len(bitstream.pack(empty)) - 2 * tiles
 
     def _pack(self, choices: list[_Choice]) -> bytes:
         """The stream in which each tile is coded as ``choices`` says."""
@@ -198,15 +319,28 @@ class ResidualCandidates:
         ]
         half = [choice.half_res for choice in choices] if any(c.half_res for c in choices) else []
         layers = [choice.layer for choice in choices]
-        if all(layer is None for layer in layers):
+        corrections = [
+            choice.coarse.segment if choice.coarse else choice.layer.coarse if choice.layer else b""
+            for choice in choices
+        ]
+        if all(layer is None for layer in layers) and not any(corrections):
             return bitstream.pack(Stream(self.candidates.header, segments, half))
+        crcs = [
+            choice.layer.pixel_crc
+            if choice.layer
+            else choice.coarse.pixel_crc
+            if choice.coarse
+            else 0
+            for choice in choices
+        ]
         stream = Stream(
             self.candidates.header,
             segments,
             half,
             residuals=[b"" if layer is None else layer.residual for layer in layers],
             max_errors=[0 if layer is None else layer.max_error for layer in layers],
-            pixel_crcs=[0 if layer is None else layer.pixel_crc for layer in layers],
+            pixel_crcs=crcs,
+            coarse=corrections if any(corrections) else [],
         )
         return bitstream.pack(stream)
 
@@ -220,26 +354,41 @@ class ResidualCandidates:
 
     def ladders(self) -> list[list[Ladder]]:
         """Per tile, the ways to spend bytes: the network's iterations alone (at full, and
-        with ``half_res`` at half resolution), and residual layers of
-        :func:`ladder_max_errors` (each on its cheapest full-resolution base), last."""
+        with ``half_res`` at half resolution), then with each of ``coarse_options`` (over the
+        base iterations from 1, at full and with ``half_res`` at half resolution), and last
+        residual layers of :func:`ladder_max_errors` (each on its cheapest full-resolution
+        base), one ladder per ``layer_coarse_options``."""
         errors = ladder_max_errors(self.image.peak)
         ways = []
         for index, network in enumerate(self.candidates.ladders(half_res=self.half_res)):
-            layers = [self._tile(index, error, smoothing=True) for error in errors]
-            totals = [layer.size for layer in layers]
-            costs = [b - a for a, b in zip([0, *totals], totals, strict=False)]
-            ways.append([*network, Ladder(costs, [layer.squared_error for layer in layers])])
+            corrected = [
+                _ladder([self._corrected(index, k, *way) for k in self._coarse_iterations()])
+                for way in self._coarse_ways()
+            ]
+            layered = [
+                _ladder([self._tile(index, error, True, option) for error in errors])
+                for option in self.layer_coarse_options
+            ]
+            ways.append([*network, *corrected, *layered])
         return ways
 
     def _choices(self, picks: list[tuple[int, int]]) -> list[_Choice]:
         """The allocator's picks over :meth:`ladders` as tile codings."""
         errors = ladder_max_errors(self.image.peak)
-        layered_way = 2 if self.half_res else 1  # after the network's ways
+        network_ways = 2 if self.half_res else 1
+        coarse_ways = self._coarse_ways()
+        layered_way = network_ways + len(coarse_ways)
         choices: list[_Choice] = []
         for index, (way, step) in enumerate(picks):
-            if way == layered_way:
-                layer = self._tile(index, errors[step - 1], smoothing=True)
+            if way >= layered_way:
+                option = self.layer_coarse_options[way - layered_way]
+                layer = self._tile(index, errors[step - 1], True, option)
                 choices.append(_Choice(layer.iterations, layer))
+            elif way >= network_ways:
+                coarse_way = coarse_ways[way - network_ways]
+                k = self._coarse_iterations()[step - 1]
+                correction = self._corrected(index, k, *coarse_way)
+                choices.append(_Choice(k, half_res=coarse_way[2], coarse=correction))
             else:
                 choices.append(_Choice(step, half_res=way == 1))
         return choices
@@ -261,6 +410,13 @@ class ResidualCandidates:
         :func:`select_layered`)."""
         (result,) = select_layered([self], bpp)
         return result
+
+
+def _ladder(rungs: Sequence[_LayeredTile | _CoarseTile]) -> Ladder:
+    """Codings of one tile in order as a ladder of byte steps and the error after each."""
+    totals = [rung.size for rung in rungs]
+    costs = [b - a for a, b in zip([0, *totals], totals, strict=False)]
+    return Ladder(costs, [rung.squared_error for rung in rungs])
 
 
 def select_layered(images: Sequence[ResidualCandidates], bpp: float) -> list[EncodeResult]:
@@ -303,7 +459,7 @@ def _tighten(
                 layer = choice.layer
                 if layer is None or layer.max_error == 0:
                     continue
-                tighter = image._tile(index, layer.max_error - 1, smoothing=True)
+                tighter = image._tile(index, layer.max_error - 1, True, layer.coarse_option)
                 extra = tighter.size - layer.size
                 gain = layer.squared_error - tighter.squared_error
                 if spent + extra <= budget and gain > 0:

@@ -37,7 +37,8 @@ class RateControl:
     #: then a residual layer (codec/near_lossless.py; a format 5 stream).
     max_error: int | None = None
     #: With ``bpp``: the smallest max error whose layered stream fits (rates above the
-    #: network's reach, up to lossless).
+    #: network's reach, up to lossless), with coarse corrections where they pay
+    #: (codec/coarse.py; a format 6 stream when any tile has one).
     residual: bool = False
 
     def __post_init__(self) -> None:

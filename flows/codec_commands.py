@@ -11,6 +11,7 @@ from rich.table import Table
 
 from codec import bitstream
 from codec.bitstream import BitstreamError
+from codec.coarse import segment_parameters
 from codec.io import ImageError, write_png
 from codec.learned import decode_image, encode_image
 from codec.metrics import bits_per_pixel, measure
@@ -72,7 +73,9 @@ def encode(
         typer.Option(
             help="With --bpp: add a residual layer and keep the smallest max pixel error that "
             "fits: rates above the network's reach (about 1 bpp), up to lossless. Coarse "
-            "layers may be smoothed (pixels within twice their quantizer's error; info shows it)."
+            "layers may be smoothed (pixels within twice their quantizer's error; info shows it), "
+            "and tiles may take a coarse correction of the network's low-frequency error "
+            "(format 6 stream)."
         ),
     ] = False,
     refine_steps: Annotated[
@@ -152,6 +155,8 @@ def info(src: Annotated[Path, typer.Argument(help="Radiarc stream.")]) -> None:
     try:
         data = src.read_bytes()
         stream = bitstream.unpack(data)
+        corrections = [stream.coarse_segment(index) for index in range(len(stream.tiles))]
+        kinds = sorted({segment_parameters(c)[:2] for c in corrections if c is not None})
     except (OSError, BitstreamError) as error:
         raise _fail(f"{src}: {error}") from error
     header = stream.header
@@ -180,15 +185,24 @@ def info(src: Annotated[Path, typer.Argument(help="Radiarc stream.")]) -> None:
             f"residual layer on {len(layered) - layered.count(None)} of {len(layered)} tiles: "
             f"{bound}"
         )
+    if kinds:
+        console.print(
+            f"coarse correction on {len(corrections) - corrections.count(None)} of "
+            f"{len(corrections)} tiles: "
+            + ", ".join(f"{side}x{side} blocks, step {step}" for side, step in kinds)
+        )
     table = Table()
-    for column in ("tile", "resolution", "iterations", "bytes per iteration", "residual bytes"):
+    columns = ("tile", "resolution", "iterations", "bytes per iteration", "coarse bytes")
+    for column in (*columns, "residual bytes"):
         table.add_column(column)
     for index, (segments, residual) in enumerate(zip(stream.tiles, layered, strict=True)):
+        correction = corrections[index]
         table.add_row(
             str(index),
             "half" if stream.is_half_res(index) else "full",
             str(len(segments)),
             " ".join(str(len(s)) for s in segments),
+            "-" if correction is None else str(len(correction)),
             "-" if residual is None else str(len(residual[0])),
         )
     console.print(table)

@@ -87,6 +87,7 @@ TARGETS = ("dicom", "uid", "stream", "chunk")
 DATA_DIR = Path(__file__).resolve().parents[1] / "tests" / "data"
 #: A format 4 stream (residual coder 1) as written before format 5: readers keep decoding it.
 FORMAT_4_SEED = DATA_DIR.parent / "fixtures" / "residual-v4-d4.rdrc"
+CORRECTED_SEED_IMAGE = DATA_DIR / "00004934_000.png"  # a real chest X-ray (tests/data)
 UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _COMPONENTS = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _SAFE_MESSAGE = re.compile(r"[ -~]*")  # printable ASCII
@@ -361,6 +362,7 @@ def codec_seeds() -> tuple[list[bytes], list[bytes]]:
         # Format 5: a residual layer per tile (near-lossless).
         encode_image(twelve, RateControl(max_error=3), tile_size=32).data,
         *([FORMAT_4_SEED.read_bytes()] if FORMAT_4_SEED.exists() else []),
+        *_coarse_seed(),
         # Format 2 (last: tests take it as such): blocks that stop refining.
         AdaptiveCandidates(twelve, tile_size=32).select(1.5).data,
     ]
@@ -373,6 +375,19 @@ def codec_seeds() -> tuple[list[bytes], list[bytes]]:
         encode_chunk(np.full((32, 32), 9, dtype=np.uint8), ChunkSettings.create(iterations=1)),
     ]
     return streams, chunks
+
+
+def _coarse_seed() -> list[bytes]:
+    """Format 6: a 128x128 crop of a real radiograph at 0.3 bpp, where rate control gives
+    some tiles a coarse correction (none when the sample is missing)."""
+    from codec.io import read_png
+    from codec.near_lossless import ResidualCandidates
+
+    if not CORRECTED_SEED_IMAGE.exists():
+        return []
+    pixels = read_png(CORRECTED_SEED_IMAGE).pixels[600:728, 200:328]
+    crop = GrayImage(np.ascontiguousarray(pixels), 8)
+    return [ResidualCandidates.for_bpp(crop, tile_size=64).at_bpp(0.3).data]
 
 
 @st.composite
@@ -395,8 +410,10 @@ def resealed_streams(draw: st.DrawFn, seeds: Sequence[bytes]) -> bytes:
     }
     tiles = [list(segments) for segments in stream.tiles]
     residuals, max_errors = list(stream.residuals), list(stream.max_errors)
+    coarse = list(stream.coarse)
     kinds = ["geometry", "bits", "channels", "segment", "iterations", "format"]
-    what = draw(st.sampled_from(kinds + (["residual", "max error"] if residuals else [])))
+    kinds += ["residual", "max error"] if residuals else []
+    what = draw(st.sampled_from(kinds + (["coarse"] if coarse else [])))
     if what == "geometry":
         side = st.integers(1, 96) | st.sampled_from([1, 15, 16, 17, 4096, bitstream.MAX_SIDE])
         fields["height"], fields["width"] = draw(side), draw(side)
@@ -415,6 +432,9 @@ def resealed_streams(draw: st.DrawFn, seeds: Sequence[bytes]) -> bytes:
     elif what == "residual":
         tile = draw(st.integers(0, len(tiles) - 1))
         residuals[tile] = draw(mutated([residuals[tile] or b"\0"]) | st.binary(max_size=300))
+    elif what == "coarse":
+        tile = draw(st.integers(0, len(tiles) - 1))
+        coarse[tile] = draw(mutated([coarse[tile] or b"\3\1"]) | st.binary(max_size=300))
     elif what == "max error":
         max_errors[draw(st.integers(0, len(tiles) - 1))] = draw(st.integers(0, 1 << 16))
     else:
@@ -436,6 +456,7 @@ def resealed_streams(draw: st.DrawFn, seeds: Sequence[bytes]) -> bytes:
                 max_errors,
                 list(stream.pixel_crcs),
                 stream.residual_coder,
+                coarse,
             )
             return bitstream.pack(layered)
         return bitstream.pack(bitstream.Stream(new_header, grid))
