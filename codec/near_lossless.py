@@ -50,7 +50,8 @@ from codec.weights import DEFAULT_MODEL_ID, load_model
 
 BASE_ITERATIONS = (0, 1, 2, 3, 4)
 #: The coarse corrections (block side, step) a bpp target offers over 1-4 network iterations:
-#: each is a way of its own in the allocation, so a tile takes at most one.
+#: each is a way of its own in the allocation, so a tile takes at most one. Steps are in the
+#: image's levels; deeper images are offered them in 8-bit levels too (``_in_levels``).
 COARSE_OPTIONS = ((16, 2), (8, 2), (8, 1), (4, 3))
 #: Under residual layers: none, 8x8 or 4x4 blocks at step 3. A coarse layer (large D) rounds
 #: away the slow shading error below D that a correction removes first (on a val image's tile at
@@ -290,10 +291,27 @@ class ResidualCandidates:
     def _coarse_iterations(self) -> list[int]:
         return [k for k in self.base_iterations if k >= 1]
 
+    def _in_levels(self, options: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``options`` (steps in levels of the image), and for images deeper than 8 bits the
+        same with steps in 8-bit levels too: which suits a tile depends on it (probe on the
+        10- and 15-bit DICOMs at 0.25 bpp: either could be 0.5-1.2 dB better than the other,
+        docs/codec.md, "Stop 13")."""
+        scale = (self.image.peak + 1) >> 8
+        if scale <= 1:
+            return list(options)
+        return [*options, *((factor, step * scale) for factor, step in options)]
+
     def _coarse_ways(self) -> list[tuple[int, int, bool]]:
         """(block side, step, half resolution) of each coarse way, in ladder order."""
         modes = (False, True) if self.half_res else (False,)
-        return [(factor, step, half) for half in modes for factor, step in self.coarse_options]
+        options = self._in_levels(self.coarse_options)
+        return [(factor, step, half) for half in modes for factor, step in options]
+
+    def _layer_options(self) -> list[tuple[int, int] | None]:
+        """The coarse corrections under layers, in ladder order (None: none)."""
+        corrections = [option for option in self.layer_coarse_options if option is not None]
+        plain: list[tuple[int, int] | None] = [None] if None in self.layer_coarse_options else []
+        return [*plain, *self._in_levels(corrections)]
 
     def _overhead(self) -> int:
         """The version 6 container with no segments and one-byte layer and correction fields
@@ -367,7 +385,7 @@ class ResidualCandidates:
             ]
             layered = [
                 _ladder([self._tile(index, error, True, option) for error in errors])
-                for option in self.layer_coarse_options
+                for option in self._layer_options()
             ]
             ways.append([*network, *corrected, *layered])
         return ways
@@ -381,7 +399,7 @@ class ResidualCandidates:
         choices: list[_Choice] = []
         for index, (way, step) in enumerate(picks):
             if way >= layered_way:
-                option = self.layer_coarse_options[way - layered_way]
+                option = self._layer_options()[way - layered_way]
                 layer = self._tile(index, errors[step - 1], True, option)
                 choices.append(_Choice(layer.iterations, layer))
             elif way >= network_ways:

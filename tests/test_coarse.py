@@ -239,3 +239,18 @@ def test_resealed_format_6_streams_decode_or_raise_the_stream_error(
     from storage.fuzz import check_stream, resealed_streams
 
     assert check_stream(data.draw(resealed_streams([corrected_seed]))) in ("decoded", "refused")
+
+
+def test_deeper_images_are_offered_steps_in_8_bit_levels_too(data_dir: Path) -> None:
+    """A 10-bit radiograph's network error is four times an 8-bit one's in its own levels:
+    its candidates weigh steps of 1-3 levels and of 4-12; the stream fits and decodes."""
+    from storage.dicom import read_dicom
+
+    ten_bit = read_dicom(data_dir / "CR-MONO1-10-chest.dcm").image
+    layered = ResidualCandidates.for_bpp(ten_bit, tile_size=256)
+    steps = {step for _, step, _ in layered._coarse_ways()}
+    assert steps == {1, 2, 3, 4, 8, 12}
+    assert {option[1] for option in layered._layer_options() if option} == {3, 12}
+    result = layered.at_bpp(0.25)
+    assert result.target_met and result.n_bytes * 8 <= 0.25 * ten_bit.pixels.size
+    assert decode_image(result.data).pixels.shape == ten_bit.pixels.shape
