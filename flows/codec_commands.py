@@ -189,7 +189,7 @@ def info(src: Annotated[Path, typer.Argument(help="Radiarc stream.")]) -> None:
         console.print(
             f"coarse correction on {len(corrections) - corrections.count(None)} of "
             f"{len(corrections)} tiles: "
-            + ", ".join(f"{side}x{side} blocks, step {step}" for side, step in kinds)
+            + "; ".join(f"{side}x{side} blocks at step {step}" for side, step in kinds)
         )
     table = Table()
     columns = ("tile", "resolution", "iterations", "bytes per iteration", "coarse bytes")
