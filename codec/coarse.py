@@ -31,7 +31,6 @@ from codec.residual import MAX_INDEX, decode_residual, encode_residual
 
 #: Block sides: 16 where bytes are scarcest, 8 over the network alone, 4 and 8 under layers.
 FACTORS = (4, 8, 16)
-STEPS = (1, 2, 4)  # quantization steps the encoder chooses among (pixel units)
 
 
 def coarse_shape(shape: tuple[int, int], factor: int) -> tuple[int, int]:
@@ -41,17 +40,14 @@ def coarse_shape(shape: tuple[int, int], factor: int) -> tuple[int, int]:
 
 def block_means(error: np.ndarray, factor: int) -> np.ndarray:
     """Mean of ``error`` over each ``factor`` block (partial edge blocks over their pixels)."""
+    height, width = error.shape
     rows, cols = coarse_shape(error.shape, factor)
-    sums = np.zeros((rows, cols))
-    counts = np.zeros((rows, cols))
-    np.add.at(sums, _block_index(error.shape, factor), error.astype(np.float64))
-    np.add.at(counts, _block_index(error.shape, factor), 1.0)
-    return sums / counts
-
-
-def _block_index(shape: tuple[int, int], factor: int) -> tuple[np.ndarray, np.ndarray]:
-    rows, cols = np.indices(shape)
-    return rows // factor, cols // factor
+    padded = np.zeros((rows * factor, cols * factor))
+    padded[:height, :width] = error
+    inside = np.zeros_like(padded)
+    inside[:height, :width] = 1.0
+    blocks = (rows, factor, cols, factor)
+    return padded.reshape(blocks).sum(axis=(1, 3)) / inside.reshape(blocks).sum(axis=(1, 3))
 
 
 def _upsample_axis(values: np.ndarray, factor: int, axis: int, length: int) -> np.ndarray:
