@@ -72,6 +72,8 @@ KNOWN_VERSIONS = (
 )
 #: The residual coder (codec/residual.py) of each version that has residual layers.
 RESIDUAL_CODERS = {RESIDUAL_VERSION: 1, RESIDUAL_CODER_2_VERSION: 2, COARSE_VERSION: 2}
+#: The version a stream with residual layers and no coarse corrections is written as, per coder.
+LAYER_VERSIONS = {1: RESIDUAL_VERSION, 2: RESIDUAL_CODER_2_VERSION}
 BLOCK_STOPS_FLAG = 1  # version 3 flags, bit 0
 FULL_RESOLUTION, HALF_RESOLUTION = 0, 1  # version 3 tile modes
 HASH_BYTES = 8
@@ -215,10 +217,9 @@ def format_version(stream: Stream) -> int:
             raise ValueError(f"format {COARSE_VERSION} holds residual coder 2 only")
         return COARSE_VERSION
     if any(stream.residuals):
-        versions = {coder: version for version, coder in reversed(RESIDUAL_CODERS.items())}
-        if stream.residual_coder not in versions:
+        if stream.residual_coder not in LAYER_VERSIONS:
             raise ValueError(f"no stream format holds residual coder {stream.residual_coder}")
-        return versions[stream.residual_coder]
+        return LAYER_VERSIONS[stream.residual_coder]
     if any(stream.half_res):
         return TILE_MODES_VERSION
     return BLOCK_STOPS_VERSION if stream.header.block_stops else FORMAT_VERSION
@@ -416,18 +417,16 @@ def keep_iterations(data: bytes, iterations: int) -> bytes:
         raise ValueError("keep at least one iteration")
     stream = unpack(data)
     kept = [segments[:iterations] for segments in stream.tiles]
-    residuals = [
-        residual if len(segments) <= iterations else b""
-        for segments, residual in zip(
-            stream.tiles, stream.residuals or [b""] * len(stream.tiles), strict=True
-        )
-    ]
-    coarse = [
-        segment if len(segments) <= iterations else b""
-        for segments, segment in zip(
-            stream.tiles, stream.coarse or [b""] * len(stream.tiles), strict=True
-        )
-    ]
+
+    def still_correcting(corrections: list[bytes]) -> list[bytes]:
+        """Per tile, its correction if it keeps all its iterations, else none."""
+        if not corrections:
+            return [b""] * len(stream.tiles)
+        whole = [len(segments) <= iterations for segments in stream.tiles]
+        return [c if keeps else b"" for c, keeps in zip(corrections, whole, strict=True)]
+
+    residuals = still_correcting(stream.residuals)
+    coarse = still_correcting(stream.coarse)
     if not any(residuals) and not any(coarse):
         return pack(Stream(stream.header, kept, stream.half_res))
     return pack(
