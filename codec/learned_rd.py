@@ -223,9 +223,10 @@ class LayeredCodec(RateDistortionCodec):
         return self.encode(image, 0)
 
     def encode_seconds(self, image: GrayImage, target_bpp: float, parameter: float) -> float:
-        """What ``radiarc encode --bpp X --residual`` spends: the network once, every tile's
-        layers at every max error of the ladder (coded once, shared by all rates of the
-        image), and a timed allocation."""
+        """What ``radiarc encode --bpp X --residual`` spends: the network once, the layers
+        coded for this rate and the image's rates before it (shared: each layer is coded
+        once; the search codes more of them the higher the rate, so this is about the
+        highest rate's own), and a timed allocation."""
         del parameter
         candidates = self._candidates(image)
         assert self._last is not None

@@ -22,7 +22,11 @@ A bpp target also weighs coarse corrections (:mod:`codec.coarse`: block means of
 network left, added back bilinearly; format 6): over 1-4 network iterations alone, as ways of
 their own (:data:`COARSE_OPTIONS`), and under residual layers (:data:`LAYER_COARSE_OPTIONS`),
 where a coarse layer would otherwise round away the slow shading error below its D
-(docs/codec.md, "Stop 13").
+(docs/codec.md, "Stop 13"). A max error of 3 or more weighs them too, by estimate, and codes
+one layer per tile (stop 14).
+
+A bpp target codes only the layers its allocation can use (:func:`_allocate_lazily`): most
+of its time is spent coding layers (docs/codec.md, "Stop 14").
 """
 
 from __future__ import annotations
@@ -136,6 +140,9 @@ class ResidualCandidates:
     _corrections: dict[tuple[int, int, int, int, bool], tuple[np.ndarray, bytes]] = field(
         default_factory=dict
     )
+    _estimates: dict[tuple[int, int, int, tuple[int, int] | None], float] = field(
+        default_factory=dict
+    )
     layer_seconds: float = 0.0  # spent coding residual layers so far (each tile and D once)
 
     @classmethod
@@ -203,20 +210,13 @@ class ResidualCandidates:
         key = (index, max_error, smoothing, coarse_option)
         if key in self._layered:
             return self._layered[key]
-        started = time.perf_counter()
-        box = self.candidates.boxes[index]
-        original = self.image.pixels[box.slices].astype(np.int64)
-
         # The base whose layer is estimated smallest; only that layer is really coded (the
         # coder costs five estimates' time, and ranks bases much as they estimate).
-        options = []
-        for k in self.base_iterations:
-            if coarse_option is not None and k == 0:
-                continue
-            base, segment = self._base(index, k, coarse_option)
-            bits = estimated_bits(quantize(original - base, max_error))
-            options.append((self._segment_bytes(index, k) + len(segment) + bits / 8, k))
-        _, k = min(options)
+        start = self._looser_iterations(index, max_error, coarse_option) if smoothing else None
+        started = time.perf_counter()  # after the looser layer, which counts its own time
+        box = self.candidates.boxes[index]
+        original = self.image.pixels[box.slices].astype(np.int64)
+        _, k = self._cheapest_base(index, max_error, coarse_option, start)
         base, coarse_segment = self._base(index, k, coarse_option)
         indices = quantize(original - base, max_error)
         pixels = reconstruct(base, indices, max_error, self.image.peak)
@@ -237,6 +237,60 @@ class ResidualCandidates:
         self._layered[key] = tile
         self.layer_seconds += time.perf_counter() - started
         return tile
+
+    def _estimate(
+        self, index: int, iterations: int, max_error: int, coarse_option: tuple[int, int] | None
+    ) -> float:
+        """About the bytes of the tile's layer at ``max_error`` on ``iterations`` (and
+        ``coarse_option``): segments, correction and :func:`codec.residual.estimated_bits`."""
+        key = (index, iterations, max_error, coarse_option)
+        if key not in self._estimates:
+            original = self.image.pixels[self.candidates.boxes[index].slices].astype(np.int64)
+            base, segment = self._base(index, iterations, coarse_option)
+            bits = estimated_bits(quantize(original - base, max_error))
+            self._estimates[key] = self._segment_bytes(index, iterations) + len(segment) + bits / 8
+        return self._estimates[key]
+
+    def _cheapest_base(
+        self,
+        index: int,
+        max_error: int,
+        coarse_option: tuple[int, int] | None,
+        start: int | None,
+    ) -> tuple[float, int]:
+        """The estimated bytes and base iterations of the tile's layer at ``max_error`` on
+        the base estimated smallest: among all bases, or with ``start`` by descent from it
+        over 1-4 iterations, then against no iterations. The estimate is unimodal in the
+        iterations (one minimum over 1-4 in 240 ladder rungs of two radiographs), so descent
+        finds the same base from 2.8 estimates a rung instead of 4.3."""
+
+        def cost(k: int) -> tuple[float, int]:
+            return self._estimate(index, k, max_error, coarse_option), k
+
+        counts = [k for k in self.base_iterations if k or coarse_option is None]
+        network = [k for k in counts if k]
+        if start is None or not network:
+            return min(map(cost, counts))
+        k = min(max(start, network[0]), network[-1])
+        for move in (1, -1):  # climb to more iterations, or else to fewer
+            moved = k
+            while moved + move in network and cost(moved + move) < cost(moved):
+                moved += move
+            if moved != k:
+                k = moved
+                break
+        return min(map(cost, [k, 0] if 0 in counts else [k]))
+
+    def _looser_iterations(
+        self, index: int, max_error: int, coarse_option: tuple[int, int] | None
+    ) -> int | None:
+        """The base iterations of the tile's layer at the next looser max error of the bpp
+        ladder (None at the loosest): where the search for this one's starts. A function of
+        the tile and ``max_error`` alone, so streams do not depend on what was coded first."""
+        looser = [e for e in ladder_max_errors(self.image.peak) if e > max_error]
+        if not looser:
+            return None
+        return self._tile(index, min(looser), True, coarse_option).iterations
 
     def _segment_bytes(self, index: int, iterations: int, half_res: bool = False) -> int:
         tiles = self.candidates.halves if half_res else self.candidates.tiles
@@ -366,33 +420,99 @@ class ResidualCandidates:
         """The stream in which no pixel is off by more than ``max_error``."""
         if not 0 <= max_error < self.image.peak + 1:
             raise ValueError(f"max error must be in 0..{self.image.peak}, got {max_error}")
-        tiles = [self._tile(index, max_error) for index in range(len(self.candidates.boxes))]
+        tiles = [self._bounded(index, max_error) for index in range(len(self.candidates.boxes))]
         data = self._pack([_Choice(tile.iterations, tile) for tile in tiles])
         return EncodeResult(data, [tile.iterations for tile in tiles], True, max_error=max_error)
 
-    def ladders(self) -> list[list[Ladder]]:
+    def _bounded(self, index: int, max_error: int) -> _LayeredTile:
+        """The tile's smallest coding within ``max_error``: a layer on its cheapest base,
+        over a coarse correction (of :meth:`_layer_options`, whose step is at most
+        ``max_error``) or none, whichever is estimated smallest; only that layer is coded.
+        Lossless and D < 3 (8-bit) take no correction; D = 3-6 are 0.3-4% smaller with one
+        where it pays (docs/codec.md, "Stop 14")."""
+        started = time.perf_counter()
+        options = [None, *(o for o in self._layer_options() if _corrects_under(o, max_error))]
+        _, option = min(
+            (self._cheapest_base(index, max_error, option, None), number)
+            for number, option in enumerate(options)
+        )
+        self.layer_seconds += time.perf_counter() - started
+        return self._tile(index, max_error, coarse_option=options[option])
+
+    def cheapest(self) -> list[int]:
+        """Per tile, the bytes of its cheapest coding: one network iteration or the loosest
+        layer (the first rung of every ladder; corrections come on top of an iteration)."""
+        loosest = ladder_max_errors(self.image.peak)[0]
+        ways = self.candidates.ladders(half_res=self.half_res)
+        return [
+            min(
+                *(ladder.costs[0] for ladder in network),
+                *(
+                    self._tile(index, loosest, True, option).size
+                    for option in self._layer_options()
+                ),
+            )
+            for index, network in enumerate(ways)
+        ]
+
+    def ladders(self, caps: Sequence[int] | None = None) -> list[list[Ladder]]:
         """Per tile, the ways to spend bytes: the network's iterations alone (at full, and
         with ``half_res`` at half resolution), then with each of ``coarse_options`` (over the
         base iterations from 1, at full and with ``half_res`` at half resolution), and last
-        residual layers of :func:`ladder_max_errors` (each on its cheapest full-resolution
-        base), one ladder per ``layer_coarse_options``."""
-        errors = ladder_max_errors(self.image.peak)
+        residual layers at :meth:`_layer_errors` (each on its cheapest full-resolution
+        base), one ladder per ``layer_coarse_options``.
+
+        With ``caps``, tile ``i``'s layered ladders stop after the first layer costing more
+        than ``caps[i]`` bytes (a tighter bound costs more still), and the layers after it
+        are not coded: coding layers is most of a bpp target's time (see
+        :func:`_allocate_lazily`)."""
         ways = []
         for index, network in enumerate(self.candidates.ladders(half_res=self.half_res)):
             corrected = [
                 _ladder([self._corrected(index, k, *way) for k in self._coarse_iterations()])
                 for way in self._coarse_ways()
             ]
+            cap = None if caps is None else caps[index]
             layered = [
-                _ladder([self._tile(index, error, True, option) for error in errors])
+                _ladder(self._affordable_layers(index, option, cap))
                 for option in self._layer_options()
             ]
             ways.append([*network, *corrected, *layered])
         return ways
 
+    def _affordable_layers(
+        self, index: int, option: tuple[int, int] | None, cap: int | None
+    ) -> list[_LayeredTile]:
+        """The tile's layers over ``option`` at :meth:`_layer_errors`, up to the first that
+        costs more than ``cap`` bytes (None: all; that one is coded to be found, and kept, so
+        the allocation can say it wants the ladder to go on)."""
+        layers = []
+        for error in self._layer_errors(option):
+            layers.append(self._tile(index, error, True, option))
+            if cap is not None and layers[-1].size > cap:
+                break
+        return layers
+
+    def _needs_reach(
+        self, ladders: list[Ladder], way: int, step: int, reach: int, cheapest: int
+    ) -> bool:
+        """Whether a tile picked at ``(way, step)`` of ``ladders`` coded with ``reach`` bytes
+        beyond its ``cheapest`` might have picked a layer beyond them: it took the last rung
+        of a cut layered ladder, or spent over half its reach."""
+        spent = sum(ladders[way].costs[:step])
+        layered = way - (len(ladders) - len(self._layer_options()))
+        if layered >= 0:
+            errors = self._layer_errors(self._layer_options()[layered])
+            if step == len(ladders[way].costs) < len(errors):
+                return True
+        return spent > cheapest + reach // 2
+
+    def _layer_errors(self, option: tuple[int, int] | None) -> list[int]:
+        """The max errors of the bpp ladder of layers over ``option``, loosest first."""
+        return [e for e in ladder_max_errors(self.image.peak) if _corrects_under(option, e)]
+
     def _choices(self, picks: list[tuple[int, int]]) -> list[_Choice]:
         """The allocator's picks over :meth:`ladders` as tile codings."""
-        errors = ladder_max_errors(self.image.peak)
         network_ways = 2 if self.half_res else 1
         coarse_ways = self._coarse_ways()
         layered_way = network_ways + len(coarse_ways)
@@ -400,7 +520,7 @@ class ResidualCandidates:
         for index, (way, step) in enumerate(picks):
             if way >= layered_way:
                 option = self._layer_options()[way - layered_way]
-                layer = self._tile(index, errors[step - 1], True, option)
+                layer = self._tile(index, self._layer_errors(option)[step - 1], True, option)
                 choices.append(_Choice(layer.iterations, layer))
             elif way >= network_ways:
                 coarse_way = coarse_ways[way - network_ways]
@@ -430,6 +550,14 @@ class ResidualCandidates:
         return result
 
 
+def _corrects_under(option: tuple[int, int] | None, max_error: int) -> bool:
+    """Whether a layer with ``max_error`` is offered over the coarse correction ``option``
+    (None: no correction, always): only if the layer is no finer than the correction's step,
+    or it codes the shading anyway and the correction's bytes are wasted (estimated 0.1-8%
+    larger on every tile of two radiographs at D = 0-2)."""
+    return option is None or max_error >= option[1]
+
+
 def _ladder(rungs: Sequence[_LayeredTile | _CoarseTile]) -> Ladder:
     """Codings of one tile in order as a ladder of byte steps and the error after each."""
     totals = [rung.size for rung in rungs]
@@ -437,17 +565,24 @@ def _ladder(rungs: Sequence[_LayeredTile | _CoarseTile]) -> Ladder:
     return Ladder(costs, [rung.squared_error for rung in rungs])
 
 
-def select_layered(images: Sequence[ResidualCandidates], bpp: float) -> list[EncodeResult]:
+def select_layered(
+    images: Sequence[ResidualCandidates], bpp: float, exhaustive: bool = False
+) -> list[EncodeResult]:
     """One bpp budget (``bpp`` times all the images' pixels) over several coded images (an
     image's chunks, each its own stream): each tile coded by the network alone or with a
     residual layer, whichever the bytes buy more with (the allocation of
     :func:`codec.rate.allocate_ladders`), then bounds tightened with what is left. A result's
     ``max_error`` is its largest bound when all its tiles have a layer; ``target_met`` says
-    whether the streams together fit."""
+    whether the streams together fit. Layers are coded as the allocation needs them
+    (:func:`_allocate_lazily`); ``exhaustive`` codes every one first (the same streams, for
+    checking that, at 1.5-3 times the time)."""
     budget = int(bpp * sum(image.image.pixels.size for image in images) / 8)
-    ladders = [image.ladders() for image in images]
     overhead = sum(image._overhead() for image in images)
-    picks = allocate_ladders([tile for image in ladders for tile in image], budget - overhead)
+    if exhaustive:
+        ladders = [image.ladders() for image in images]
+        picks = allocate_ladders([tile for image in ladders for tile in image], budget - overhead)
+    else:
+        ladders, picks = _allocate_lazily(images, budget - overhead)
     choices, start = [], 0
     for image, tiles in zip(images, ladders, strict=True):
         choices.append(image._choices(picks[start : start + len(tiles)]))
@@ -455,6 +590,43 @@ def select_layered(images: Sequence[ResidualCandidates], bpp: float) -> list[Enc
     choices = _tighten(images, choices, budget)
     fits = _spent(images, choices) <= budget
     return [image._result(chosen, fits) for image, chosen in zip(images, choices, strict=True)]
+
+
+def _allocate_lazily(
+    images: Sequence[ResidualCandidates], budget: int
+) -> tuple[list[list[list[Ladder]]], list[tuple[int, int]]]:
+    """Each image's ladders and the allocation's picks over all their tiles, coding no more
+    layers than the allocation needs.
+
+    A tile can spend at most its cheapest coding plus what the budget leaves beyond every
+    tile's cheapest (``spare``); layers costing more are never coded. Tighter still, the
+    ladders are first coded only up to twice a tile's even share of ``spare``, and a tile
+    the allocation takes to the end of a layered ladder, or past half its reach, has its
+    reach doubled and the allocation is rerun: on radiographs most tiles settle near their
+    share, and the ladders are convex in bytes, so the picks are those of the full ladders
+    (identical streams on the images measured in docs/codec.md, "Stop 14") at half the
+    layers coded."""
+    cheapest = [image.cheapest() for image in images]
+    spare = max(budget - sum(sum(tiles) for tiles in cheapest), 0)
+    count = sum(len(tiles) for tiles in cheapest)
+    reach = [[min(2 * spare // count, spare)] * len(tiles) for tiles in cheapest]
+    while True:
+        ladders = [
+            image.ladders([low + extra for low, extra in zip(tiles, more, strict=True)])
+            for image, tiles, more in zip(images, cheapest, reach, strict=True)
+        ]
+        picks = allocate_ladders([tile for image in ladders for tile in image], budget)
+        grown, start = False, 0
+        for image, tiles, more, lows in zip(images, ladders, reach, cheapest, strict=True):
+            for index, (way, step) in enumerate(picks[start : start + len(tiles)]):
+                if more[index] < spare and image._needs_reach(
+                    tiles[index], way, step, more[index], lows[index]
+                ):
+                    more[index] = min(max(2 * more[index], 1), spare)
+                    grown = True
+            start += len(tiles)
+        if not grown:
+            return ladders, picks
 
 
 def _spent(images: Sequence[ResidualCandidates], choices: list[list[_Choice]]) -> int:

@@ -34,7 +34,8 @@ class RateControl:
     #: byte (codec/resolution.py; a format 3 stream when any is).
     half_res: bool = False
     #: Every pixel within this many levels of the original (0: lossless): network iterations,
-    #: then a residual layer (codec/near_lossless.py; a format 5 stream).
+    #: then a residual layer (codec/near_lossless.py; a format 5 stream, or format 6 when
+    #: a tile's layer goes over a coarse correction, codec/coarse.py).
     max_error: int | None = None
     #: With ``bpp``: the smallest max error whose layered stream fits (rates above the
     #: network's reach, up to lossless), with coarse corrections where they pay

@@ -47,7 +47,8 @@ def encode(
         typer.Option(
             min=0,
             help="Near-lossless: no pixel off by more than this many levels (0: lossless); "
-            "network iterations plus a residual layer (format 5 stream).",
+            "network iterations plus a residual layer, from 3 levels over a coarse "
+            "correction where that is smaller (format 5 stream, 6 with corrections).",
         ),
     ] = None,
     model: Annotated[str, typer.Option(help="Model id of the installed weights.")] = (
