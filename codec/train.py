@@ -13,9 +13,12 @@ metric the archive is judged on (codec/ssim_loss.py; four scales fit a 128x128 c
 (codec/block_stops.py): 16x16 blocks stop refining once good enough, at a threshold drawn per
 crop, so the decoder learns that a neighbour's all-zero code means "stopped", not "no change".
 ``--hard-fraction`` draws that share of each batch around such sharp edges, which are under 1% of
-a radiograph but held most of the squared error of the L1-trained models. A checkpoint (model,
-optimiser, step, RNG states) is written atomically every few minutes and at the end, so a killed
-run loses at most those minutes.
+a radiograph but held most of the squared error of the L1-trained models. ``--half-fraction`` draws
+that share at twice the crop size and halves it by 2x2 means, as the encoder halves a tile it codes
+at half resolution (codec/resolution.py): at 0.125-0.25 bpp most tiles are coded that way, and a
+halved radiograph holds twice the detail per pixel that a full-resolution crop does. A checkpoint
+(model, optimiser, step, RNG states) is written atomically every few minutes and at the end, so a
+killed run loses at most those minutes.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from codec.model import (
     StopRule,
     count_parameters,
 )
+from codec.resolution import FACTOR, halve
 from codec.ssim_loss import ms_ssim, scales_that_fit
 
 
@@ -59,6 +63,7 @@ class TrainConfig:
     loss: str = "l1"
     hard_fraction: float = 0.0
     block_stop_fraction: float = 0.0
+    half_fraction: float = 0.0
 
 
 LOSSES = ("l1", "log-mse", "log-mse+ms-ssim")
@@ -114,23 +119,29 @@ def sample_batch(
     rng: np.random.Generator,
     hard_fraction: float = 0.0,
     edges: list[np.ndarray] | None = None,
+    half_fraction: float = 0.0,
 ) -> torch.Tensor:
-    """Random crops with random flips; ``hard_fraction`` of them placed over an edge block."""
+    """Random crops with random flips; ``hard_fraction`` of them (the first) placed over an
+    edge block, ``half_fraction`` of them (the last) cut at twice the size and halved."""
     crops = np.empty((batch, 1, crop, crop), dtype=np.float32)
     with_edges = [i for i, found in enumerate(edges or []) if len(found)]
     hard = round(batch * hard_fraction) if with_edges else 0
+    first_half = batch - round(batch * half_fraction)
     for i in range(batch):
+        size = crop * FACTOR if i >= first_half else crop
         if i < hard:
             index = with_edges[rng.integers(len(with_edges))]
             image = images[index]
             y, x = edges[index][rng.integers(len(edges[index]))]  # type: ignore[index]
-            top = int(np.clip(y - rng.integers(crop - EDGE_BLOCK + 1), 0, image.shape[0] - crop))
-            left = int(np.clip(x - rng.integers(crop - EDGE_BLOCK + 1), 0, image.shape[1] - crop))
+            top = int(np.clip(y - rng.integers(size - EDGE_BLOCK + 1), 0, image.shape[0] - size))
+            left = int(np.clip(x - rng.integers(size - EDGE_BLOCK + 1), 0, image.shape[1] - size))
         else:
             image = images[rng.integers(len(images))]
-            top = rng.integers(image.shape[0] - crop + 1)
-            left = rng.integers(image.shape[1] - crop + 1)
-        patch = image[top : top + crop, left : left + crop]
+            top = rng.integers(image.shape[0] - size + 1)
+            left = rng.integers(image.shape[1] - size + 1)
+        patch = image[top : top + size, left : left + size]
+        if size != crop:
+            patch = halve(patch)
         if rng.random() < 0.5:
             patch = patch[:, ::-1]
         if rng.random() < 0.5:
@@ -235,7 +246,13 @@ def train(
 
     while should_continue():
         batch = sample_batch(
-            images, config.crop, config.batch, rng, config.hard_fraction, edges
+            images,
+            config.crop,
+            config.batch,
+            rng,
+            config.hard_fraction,
+            edges,
+            config.half_fraction,
         ).to(device)
         stop_rule = training_stop_rule(batch, config.block_stop_fraction)
         reconstructions = model(batch, config.iterations, stop_rule)
@@ -309,13 +326,16 @@ def _say_if_recipe_changed(saved: dict[str, object], config: TrainConfig) -> Non
         saved.get("loss", "l1"),
         saved.get("hard_fraction", 0.0),
         saved.get("block_stop_fraction", 0.0),
+        saved.get("half_fraction", 0.0),
     )
-    if before != (config.loss, config.hard_fraction, config.block_stop_fraction):
+    now = (config.loss, config.hard_fraction, config.block_stop_fraction, config.half_fraction)
+    if before != now:
+        flags = ("--loss", "--hard-fraction", "--block-stop-fraction", "--half-fraction")
         print(
-            f"note: the checkpoint was trained with --loss {before[0]} --hard-fraction "
-            f"{before[1]} --block-stop-fraction {before[2]}; continuing with --loss "
-            f"{config.loss} --hard-fraction {config.hard_fraction} --block-stop-fraction "
-            f"{config.block_stop_fraction}"
+            "note: the checkpoint was trained with "
+            + " ".join(f"{flag} {value}" for flag, value in zip(flags, before, strict=True))
+            + "; continuing with "
+            + " ".join(f"{flag} {value}" for flag, value in zip(flags, now, strict=True))
         )
 
 
@@ -361,6 +381,12 @@ def main(argv: list[str] | None = None) -> None:
         help="share of each batch trained with adaptive block stops (0-1)",
     )
     parser.add_argument(
+        "--half-fraction",
+        type=float,
+        default=0.0,
+        help="share of each batch cut at twice --crop and halved like half-resolution tiles (0-1)",
+    )
+    parser.add_argument(
         "--priming-steps",
         type=int,
         default=0,
@@ -381,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.until_step is not None and args.until_step < 1:
         parser.error(f"--until-step must be a positive step count, got {args.until_step}")
-    for flag in ("hard_fraction", "block_stop_fraction"):
+    for flag in ("hard_fraction", "block_stop_fraction", "half_fraction"):
         if not 0.0 <= getattr(args, flag) <= 1.0:
             name = "--" + flag.replace("_", "-")
             parser.error(f"{name} must be in 0..1, got {getattr(args, flag)}")
@@ -406,6 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         loss=args.loss,
         hard_fraction=args.hard_fraction,
         block_stop_fraction=args.block_stop_fraction,
+        half_fraction=args.half_fraction,
     )
     train(
         args.images,

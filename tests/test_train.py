@@ -106,6 +106,28 @@ def test_edge_blocks_find_the_burned_in_text_and_hard_crops_hold_them() -> None:
     assert plain.shape == (4, 1, 64, 64)  # no edges anywhere: falls back to random crops
 
 
+def test_half_crops_are_twice_the_area_halved_like_half_resolution_tiles() -> None:
+    import numpy as np
+
+    from codec.resolution import halve
+    from codec.train import sample_batch
+
+    # A ramp rising 1/1000 per column: a crop's neighbours differ by that, a halved crop's by
+    # twice that, whatever the flips (so the last half of the batch is told apart by its slope).
+    ramp = np.tile(np.arange(512, dtype=np.float32) / 1000 - 0.25, (512, 1))
+    batch = sample_batch([ramp], 32, 8, np.random.default_rng(1), half_fraction=0.5).numpy()
+    slopes = [float(np.abs(np.diff(crop[0], axis=1)).mean()) for crop in batch]
+    assert np.allclose(slopes[:4], 0.001, atol=1e-5)
+    assert np.allclose(slopes[4:], 0.002, atol=1e-5)
+    # and each halved crop is a 2x2 mean of some 64x64 window of the image
+    crop = batch[-1, 0]
+    left = round((float(crop.min()) + 0.25) * 1000 - 0.5)  # its first pair of columns
+    expected = halve(ramp[:64, left : left + 64])
+    if crop[0, 0] > crop[0, -1]:  # flipped left to right
+        expected = expected[:, ::-1]
+    np.testing.assert_allclose(crop, expected, atol=1e-6)
+
+
 def test_checkpoint_eval_measures_whole_images_that_improve_with_iterations() -> None:
     import math
 
