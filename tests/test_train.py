@@ -48,7 +48,10 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path: Path) -> None:
     second = start(images, run, "--minutes", "10", "--resume", "--loss", "log-mse")
     output = stop_after_first_steps(second)
     assert second.returncode == 0, output
-    said = "checkpoint was trained with --loss l1 --hard-fraction 0.0 --block-stop-fraction 0.0"
+    said = (
+        "checkpoint was trained with --loss l1 --hard-fraction 0.0 --block-stop-fraction 0.0 "
+        "--half-fraction 0.0"
+    )
     assert said + "; continuing " in output
     assert "--loss log-mse" in output  # a fine-tune is allowed, but said out loud
     assert f"resumed {run / 'checkpoint.pt'} at step {saved['step']}" in output
