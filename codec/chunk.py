@@ -255,7 +255,7 @@ def encode_chunks(
         if rate.residual:
             blocks = [block for _, _, block in members]
             order = [index for index, _, _ in members]
-            layered = _encode_layered(blocks, model_id, rate, order, images)
+            layered = _encode_layered(blocks, model_id, rate, refine_steps, order, images)
             for (index, envelope, _), result in zip(members, layered, strict=True):
                 results[index] = EncodedChunk(
                     envelope + result.data, result.tile_iterations[0], result.target_met
@@ -294,6 +294,7 @@ def _encode_layered(
     blocks: list[GrayImage],
     model_id: str,
     rate: RateControl,
+    refine_steps: int,
     indices: list[int],
     images: Sequence[int] | None,
 ) -> list[EncodeResult]:
@@ -303,7 +304,7 @@ def _encode_layered(
     with _NETWORK:
         candidates = [
             ResidualCandidates.for_bpp(
-                block, model_id, padded_side(max(block.pixels.shape)), rate.half_res
+                block, model_id, padded_side(max(block.pixels.shape)), rate.half_res, refine_steps
             )
             for block in blocks
         ]

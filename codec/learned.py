@@ -440,8 +440,13 @@ def encode_image(
         from codec.near_lossless import ResidualCandidates
 
         if rate.max_error is not None:
-            return ResidualCandidates.encode(image, model_id, tile_size).stream(rate.max_error)
-        layered = ResidualCandidates.for_bpp(image, model_id, tile_size, rate.half_res)
+            residual = ResidualCandidates.encode(
+                image, model_id, tile_size, refine_steps=refine_steps
+            )
+            return residual.stream(rate.max_error)
+        layered = ResidualCandidates.for_bpp(
+            image, model_id, tile_size, rate.half_res, refine_steps
+        )
         return layered.at_bpp(rate.bpp or 0.0)
     if rate.adaptive and rate.bpp is not None:
         adaptive = AdaptiveCandidates(image, model_id, tile_size, refine_steps, rate.half_res)

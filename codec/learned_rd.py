@@ -9,8 +9,9 @@ name ``MODEL_ID+blocks`` is the same model with spatially adaptive rate (block s
 ``MODEL_ID+residual`` lets each tile add a residual layer (:mod:`codec.near_lossless`, format
 4) where that removes more error per byte than the network's iterations (``+half+residual``:
 or be coded at half resolution by the network alone): it reaches the 2-4 bpp and lossless rates
-the network alone cannot. Its parameter is the largest pixel error of a
-stream whose every tile has a layer (-1 when some tile has none).
+the network alone cannot; ``+half+refine+residual`` refines the network's codes under it. Its
+parameter is the largest pixel error of a stream whose every tile has a layer (-1 when some
+tile has none).
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def learned_codec_names() -> list[str]:
         for refine in ("", REFINE_SUFFIX)
     ]
     layered = [
-        model + half + RESIDUAL_SUFFIX
+        model + half + refine + RESIDUAL_SUFFIX
         for model in installed_models()
         for half in ("", HALF_RES_SUFFIX)
+        for refine in ("", REFINE_SUFFIX)
     ]
     return network_only + layered
 
@@ -65,8 +67,14 @@ def learned_codec(name: str) -> RateDistortionCodec:
     """The bench codec a :func:`learned_codec_names` name stands for."""
     if name.endswith(RESIDUAL_SUFFIX):
         model = name.removesuffix(RESIDUAL_SUFFIX)
+        refine = model.endswith(REFINE_SUFFIX)
+        model = model.removesuffix(REFINE_SUFFIX)
         half_res = model.endswith(HALF_RES_SUFFIX)
-        return LayeredCodec(model.removesuffix(HALF_RES_SUFFIX), half_res=half_res)
+        return LayeredCodec(
+            model.removesuffix(HALF_RES_SUFFIX),
+            half_res=half_res,
+            refine_steps=DEFAULT_STEPS if refine else 0,
+        )
     return LearnedCodec.named(name)
 
 
@@ -194,13 +202,19 @@ class LayeredCodec(RateDistortionCodec):
     rate_rises_with_parameter: ClassVar[bool] = False
 
     def __init__(
-        self, model_id: str, tile_size: int = DEFAULT_TILE_SIZE, half_res: bool = False
+        self,
+        model_id: str,
+        tile_size: int = DEFAULT_TILE_SIZE,
+        half_res: bool = False,
+        refine_steps: int = 0,
     ) -> None:
         self.model_id = model_id
         self.tile_size = tile_size
         self.half_res = half_res
+        self.refine_steps = refine_steps
         half = HALF_RES_SUFFIX if half_res else ""
-        self.name = model_id + half + RESIDUAL_SUFFIX  # type: ignore[misc]
+        refine = REFINE_SUFFIX if refine_steps else ""
+        self.name = model_id + half + refine + RESIDUAL_SUFFIX  # type: ignore[misc]
         self._last: tuple[GrayImage, ResidualCandidates, float] | None = None  # and seconds
 
     def parameter_bounds(self, image: GrayImage) -> tuple[float, float]:
@@ -211,7 +225,7 @@ class LayeredCodec(RateDistortionCodec):
         if self._last is None or self._last[0] is not image:
             started = time.perf_counter()
             candidates = ResidualCandidates.for_bpp(
-                image, self.model_id, self.tile_size, self.half_res
+                image, self.model_id, self.tile_size, self.half_res, self.refine_steps
             )
             self._last = (image, candidates, time.perf_counter() - started)
         return self._last[1]

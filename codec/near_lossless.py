@@ -154,16 +154,20 @@ class ResidualCandidates:
         base_iterations: Sequence[int] = BASE_ITERATIONS,
         network_iterations: int | None = None,
         half_res: bool = False,
+        refine_steps: int = 0,
     ) -> ResidualCandidates:
         """Code every tile to ``network_iterations`` (default: the most base iterations; for
         a bpp target, which also weighs the network alone, :meth:`for_bpp` codes as many as
-        the model was trained for) and decode each base as readers will."""
+        the model was trained for) and decode each base as readers will. ``refine_steps``
+        refines the network's codes (:mod:`codec.refine`): better bases, smaller layers."""
         loaded = load_model(model_id)
         counts = tuple(sorted(set(base_iterations)))
         if not counts or counts[0] < 0 or counts[-1] > loaded.model.config.max_iterations:
             raise ValueError(f"base iterations {base_iterations} outside {model_id}'s range")
         coded = max(network_iterations or counts[-1], counts[-1], 1)
-        candidates = encode_candidates(image, coded, model_id, tile_size, half_res=half_res)
+        candidates = encode_candidates(
+            image, coded, model_id, tile_size, refine_steps=refine_steps, half_res=half_res
+        )
         header = candidates.header
 
         def decoded(index: int) -> list[np.ndarray]:
@@ -190,11 +194,19 @@ class ResidualCandidates:
         model_id: str = DEFAULT_MODEL_ID,
         tile_size: int = DEFAULT_TILE_SIZE,
         half_res: bool = False,
+        refine_steps: int = 0,
     ) -> ResidualCandidates:
         """Candidates for :meth:`at_bpp`: the network ladder to its trained iterations, and
-        with ``half_res`` at half resolution too."""
+        with ``half_res`` at half resolution too (codes refined ``refine_steps`` steps)."""
         trained = load_model(model_id).trained_iterations
-        return cls.encode(image, model_id, tile_size, network_iterations=trained, half_res=half_res)
+        return cls.encode(
+            image,
+            model_id,
+            tile_size,
+            network_iterations=trained,
+            half_res=half_res,
+            refine_steps=refine_steps,
+        )
 
     def _tile(
         self,

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from codec import bitstream
 from codec.io import GrayImage, read_png, write_png
-from codec.learned import _normalise, decode_image, encode_candidates
+from codec.learned import _normalise, decode_image, encode_candidates, encode_image
 from codec.learned_rd import LearnedCodec, learned_codec_names
 from codec.metrics import psnr
 from codec.rate import RateControl
@@ -126,3 +126,35 @@ def test_learned_eval_reports_refined_beside_plain(tmp_path: Path, crop: GrayIma
     assert [row["iterations"] for row in refined] == [1, 2]
     assert refined[0]["psnr"] > plain[0]["psnr"]
     assert refined[0]["bpp"] < refined[1]["bpp"] < refined[1]["raw_bpp"]
+
+
+def test_residual_layers_sit_on_refined_codes(crop: GrayImage) -> None:
+    """``--residual`` and ``--max-error`` with refinement: the bases under the layers come
+    from refined codes (the first iteration's error can only fall), layers still bound every
+    pixel, and the bench's ``+half+refine+residual`` is that codec."""
+    from codec.learned_rd import LayeredCodec, learned_codec
+    from codec.near_lossless import ResidualCandidates
+
+    plain = ResidualCandidates.encode(crop, tile_size=256, base_iterations=(1,))
+    refined = ResidualCandidates.encode(
+        crop, tile_size=256, base_iterations=(1,), refine_steps=STEPS
+    )
+
+    def first_errors(candidates: ResidualCandidates) -> list[float]:
+        return [tile.squared_errors[0] for tile in candidates.candidates.tiles]
+
+    assert all(r <= p for r, p in zip(first_errors(refined), first_errors(plain), strict=True))
+    assert sum(first_errors(refined)) < 0.97 * sum(first_errors(plain))
+    for max_error in (2, 6):
+        stream = encode_image(
+            crop, RateControl(max_error=max_error), tile_size=256, refine_steps=STEPS
+        )
+        decoded = decode_image(stream.data).pixels.astype(np.int64)
+        assert int(np.abs(decoded - crop.pixels).max()) <= max_error
+    rate = RateControl(bpp=0.3, half_res=True, residual=True)
+    streams = [encode_image(crop, rate, tile_size=256, refine_steps=s).data for s in (0, STEPS)]
+    assert streams[0] != streams[1] and all(len(s) * 8 <= 0.3 * crop.pixels.size for s in streams)
+    codec = learned_codec(DEFAULT_MODEL_ID + "+half+refine+residual")
+    assert isinstance(codec, LayeredCodec) and codec.half_res and codec.refine_steps == STEPS
+    assert codec.name in learned_codec_names()
+    assert learned_codec(DEFAULT_MODEL_ID + "+half+residual").refine_steps == 0
