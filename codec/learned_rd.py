@@ -5,7 +5,8 @@ Its rate parameter is the iteration count; ``encode_at_bpp`` uses the codec's ow
 name ``MODEL_ID+blocks`` is the same model with spatially adaptive rate (block stops, format 2);
 ``+half`` lets each tile be coded at half resolution where that removes more error per byte
 (:mod:`codec.resolution`, format 3); ``+refine`` refines every code at encoding
-(:mod:`codec.refine`, :data:`codec.refine.DEFAULT_STEPS` steps). Suffixes come in that order.
+(:mod:`codec.refine`, :data:`codec.refine.DEFAULT_STEPS` steps; ``+refineN``: N steps).
+Suffixes come in that order.
 ``MODEL_ID+residual`` lets each tile add a residual layer (:mod:`codec.near_lossless`, format
 4) where that removes more error per byte than the network's iterations (``+half+residual``:
 or be coded at half resolution by the network alone): it reaches the 2-4 bpp and lossless rates
@@ -16,6 +17,7 @@ tile has none).
 
 from __future__ import annotations
 
+import re
 import time
 from typing import ClassVar
 
@@ -35,13 +37,47 @@ from codec.learned import (
 from codec.metrics import bits_per_pixel
 from codec.near_lossless import ResidualCandidates
 from codec.rate import RateControl
-from codec.refine import DEFAULT_STEPS
+from codec.refine import DEFAULT_STEPS, MAX_STEPS
 from codec.weights import installed_models, load_model
 
 ADAPTIVE_SUFFIX = "+blocks"
 HALF_RES_SUFFIX = "+half"
 REFINE_SUFFIX = "+refine"
 RESIDUAL_SUFFIX = "+residual"
+#: ``+refine`` or ``+refineN`` at the end of a name (before ``+residual`` in layered names).
+_REFINE_PATTERN = re.compile(r"\+refine(\d*)$")
+
+
+def refine_suffix(steps: int) -> str:
+    """The name suffix of ``steps`` refinement steps: none, ``+refine`` for the default
+    count, ``+refineN`` for any other, so bench rows of different counts stay apart."""
+    if steps == 0:
+        return ""
+    return REFINE_SUFFIX if steps == DEFAULT_STEPS else f"{REFINE_SUFFIX}{steps}"
+
+
+def _split_refine(name: str) -> tuple[str, int]:
+    """``NAME+refine[N]`` -> ``(NAME, steps)``; a name without the suffix -> ``(name, 0)``."""
+    match = _REFINE_PATTERN.search(name)
+    if match is None:
+        return name, 0
+    steps = int(match.group(1)) if match.group(1) else DEFAULT_STEPS
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"{name}: refinement steps must be 1 to {MAX_STEPS}, got {steps}")
+    return name[: match.start()], steps
+
+
+def is_learned_codec_name(name: str) -> bool:
+    """Whether ``name`` is a :func:`learned_codec_names` name, or one with ``+refineN``
+    (N from 1 to :data:`codec.refine.MAX_STEPS`) in place of ``+refine``."""
+    layered = name.endswith(RESIDUAL_SUFFIX)
+    base = name.removesuffix(RESIDUAL_SUFFIX)
+    try:
+        base, steps = _split_refine(base)
+    except ValueError:
+        return False
+    canonical = base + (REFINE_SUFFIX if steps else "") + (RESIDUAL_SUFFIX if layered else "")
+    return canonical in learned_codec_names()
 
 
 def learned_codec_names() -> list[str]:
@@ -64,16 +100,13 @@ def learned_codec_names() -> list[str]:
 
 
 def learned_codec(name: str) -> RateDistortionCodec:
-    """The bench codec a :func:`learned_codec_names` name stands for."""
+    """The bench codec a :func:`learned_codec_names` name (or one with ``+refineN``)
+    stands for."""
     if name.endswith(RESIDUAL_SUFFIX):
-        model = name.removesuffix(RESIDUAL_SUFFIX)
-        refine = model.endswith(REFINE_SUFFIX)
-        model = model.removesuffix(REFINE_SUFFIX)
+        model, steps = _split_refine(name.removesuffix(RESIDUAL_SUFFIX))
         half_res = model.endswith(HALF_RES_SUFFIX)
         return LayeredCodec(
-            model.removesuffix(HALF_RES_SUFFIX),
-            half_res=half_res,
-            refine_steps=DEFAULT_STEPS if refine else 0,
+            model.removesuffix(HALF_RES_SUFFIX), half_res=half_res, refine_steps=steps
         )
     return LearnedCodec.named(name)
 
@@ -108,7 +141,7 @@ class LearnedCodec(RateDistortionCodec):
         suffixes = (
             (ADAPTIVE_SUFFIX if adaptive else "")
             + (HALF_RES_SUFFIX if half_res else "")
-            + (REFINE_SUFFIX if refine_steps else "")
+            + refine_suffix(refine_steps)
         )
         self.name = model_id + suffixes  # type: ignore[misc]
         # The bench asks for several rates of one image in a row: run the network once (per
@@ -118,16 +151,15 @@ class LearnedCodec(RateDistortionCodec):
 
     @classmethod
     def named(cls, name: str) -> LearnedCodec:
-        """``MODEL_ID``, optionally followed by ``+blocks``, ``+half`` and ``+refine``."""
-        refine = name.endswith(REFINE_SUFFIX)
-        name = name.removesuffix(REFINE_SUFFIX)
+        """``MODEL_ID``, optionally followed by ``+blocks``, ``+half`` and ``+refine[N]``."""
+        name, steps = _split_refine(name)
         half_res = name.endswith(HALF_RES_SUFFIX)
         name = name.removesuffix(HALF_RES_SUFFIX)
         adaptive = name.endswith(ADAPTIVE_SUFFIX)
         return cls(
             name.removesuffix(ADAPTIVE_SUFFIX),
             adaptive=adaptive,
-            refine_steps=DEFAULT_STEPS if refine else 0,
+            refine_steps=steps,
             half_res=half_res,
         )
 
@@ -213,8 +245,7 @@ class LayeredCodec(RateDistortionCodec):
         self.half_res = half_res
         self.refine_steps = refine_steps
         half = HALF_RES_SUFFIX if half_res else ""
-        refine = REFINE_SUFFIX if refine_steps else ""
-        self.name = model_id + half + refine + RESIDUAL_SUFFIX  # type: ignore[misc]
+        self.name = model_id + half + refine_suffix(refine_steps) + RESIDUAL_SUFFIX  # type: ignore[misc]
         self._last: tuple[GrayImage, ResidualCandidates, float] | None = None  # and seconds
 
     def parameter_bounds(self, image: GrayImage) -> tuple[float, float]:

@@ -79,7 +79,9 @@ def bench(
         typer.Option(
             help="Comma-separated codecs to compare: jpeg2000, htj2k, jpegxl, jpeg, jpegls, "
             "and the installed learned models by id (radiarc info lists them); MODEL_ID+blocks "
-            "is that model with spatially adaptive rate (blocks stop refining one by one)."
+            "is that model with spatially adaptive rate (blocks stop refining one by one); "
+            "then +half (half-resolution tiles), +refine (refined codes; +refineN: N refinement "
+            "steps) and +residual (residual layers), in that order."
         ),
     ] = DEFAULT_CODECS,
     bpp: Annotated[
@@ -104,15 +106,17 @@ def bench(
     """Compare classical and learned codecs at target bit rates: PSNR, SSIM, MS-SSIM, BD-rate."""
     from codec.baselines import BASELINES, RateDistortionCodec
     from codec.bench import PointLog, Skip, load_images, run_bench, write_report
-    from codec.learned_rd import learned_codec, learned_codec_names
+    from codec.learned_rd import is_learned_codec_name, learned_codec, learned_codec_names
     from storage.images import load_image
 
     names = [name.strip() for name in codecs.split(",") if name.strip()]
-    known = [*BASELINES, *learned_codec_names()]
-    unknown = [name for name in names if name not in known]
+    unknown = [n for n in names if n not in BASELINES and not is_learned_codec_name(n)]
     if unknown or not names:
+        known = [*BASELINES, *learned_codec_names()]
         raise typer.BadParameter(
-            f"unknown codec(s) {unknown}; choose from {', '.join(known)}", param_hint="--codecs"
+            f"unknown codec(s) {unknown}; choose from {', '.join(known)} "
+            "(+refineN in place of +refine: N refinement steps)",
+            param_hint="--codecs",
         )
     targets = parse_bpps(bpp)
 

@@ -103,6 +103,30 @@ def test_bench_names_combine_blocks_and_refine() -> None:
     assert not plain.adaptive and plain.refine_steps == 0 and plain.name == DEFAULT_MODEL_ID
 
 
+def test_bench_names_carry_a_step_count() -> None:
+    """``+refineN`` asks for N steps and keeps its count in the name (rows of different counts
+    stay apart in one bench); ``+refine`` with the default count is named as ever."""
+    from codec.learned_rd import LayeredCodec, is_learned_codec_name, learned_codec
+    from codec.refine import DEFAULT_STEPS, MAX_STEPS
+
+    blocks = learned_codec(DEFAULT_MODEL_ID + "+blocks+refine32")
+    assert isinstance(blocks, LearnedCodec) and blocks.adaptive and blocks.refine_steps == 32
+    assert blocks.name == DEFAULT_MODEL_ID + "+blocks+refine32"
+    layered = learned_codec(DEFAULT_MODEL_ID + "+half+refine16+residual")
+    assert isinstance(layered, LayeredCodec) and layered.half_res and layered.refine_steps == 16
+    assert layered.name == DEFAULT_MODEL_ID + "+half+refine16+residual"
+    same = learned_codec(f"{DEFAULT_MODEL_ID}+refine{DEFAULT_STEPS}")
+    assert same.name == DEFAULT_MODEL_ID + "+refine"
+    assert is_learned_codec_name(DEFAULT_MODEL_ID + "+half+refine64+residual")
+    for wrong in (f"+refine{MAX_STEPS + 1}", "+refine0", "+refinex", "+residual+refine4"):
+        assert not is_learned_codec_name(DEFAULT_MODEL_ID + wrong)
+    assert not is_learned_codec_name("no-such-model+refine4")
+    refused = CliRunner().invoke(
+        app, ["bench", "x.png", "--codecs", f"{DEFAULT_MODEL_ID}+refine{MAX_STEPS + 1}"]
+    )
+    assert refused.exit_code == 2 and "refine" in refused.output
+
+
 def test_cli_encode_refines_on_request(tmp_path: Path, crop: GrayImage) -> None:
     source, stream, back = tmp_path / "crop.png", tmp_path / "crop.rdrc", tmp_path / "back.png"
     write_png(source, GrayImage(np.ascontiguousarray(crop.pixels[:256, :256]), 8))
