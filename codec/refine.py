@@ -24,6 +24,13 @@ import torch.nn.functional as F
 #: Adam's step on the relaxed code (codes live in [-1, 1]): large enough that unsure bits
 #: can change sign within a few steps.
 LEARNING_RATE = 0.1
+#: Adam's momentum averages about ``1 / (1 - beta1)`` gradients. Over a short search a long
+#: memory keeps pushing bits the latest codes no longer want flipped, so momentum is matched
+#: to the budget, about a quarter of the steps: beta1 0.5 at 8 steps, 0.75 at 16, 0.875 at 32
+#: (stop 17, v11, 8 val tiles: at 8 steps +0.24 to +0.47 dB after one iteration against
+#: Adam's usual 0.9, which stays best at 32 steps).
+MOMENTUM_HORIZON = 0.25
+MOMENTUM_RANGE = (0.5, 0.9)
 #: Steps per iteration where a caller asks for refinement without a count: about 5 times the
 #: encoding work, most of the gain of 16 steps (docs/codec.md).
 DEFAULT_STEPS = 8
@@ -47,6 +54,12 @@ def _sign(relaxed: torch.Tensor) -> torch.Tensor:
     return relaxed + (hard - relaxed).detach()
 
 
+def momentum(steps: int) -> float:
+    """Adam's ``beta1`` for a search of ``steps`` steps (:data:`MOMENTUM_HORIZON`)."""
+    low, high = MOMENTUM_RANGE
+    return min(high, max(low, 1 - 1 / (MOMENTUM_HORIZON * steps)))
+
+
 def refine_code(
     decoder: DecoderStep,
     state: list[torch.Tensor | None],
@@ -66,7 +79,7 @@ def refine_code(
     block_mask = torch.ones_like(soft[:, :1]) if refining is None else refining
     pixel_mask = F.interpolate(block_mask, size=target.shape[-2:], mode="nearest")
     relaxed = soft.detach().clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([relaxed], lr=LEARNING_RATE)
+    optimiser = torch.optim.Adam([relaxed], lr=LEARNING_RATE, betas=(momentum(steps), 0.999))
     best_code = torch.where(soft >= 0, 1.0, -1.0).to(soft.dtype) * block_mask
     best_error = torch.full((soft.shape[0],), torch.inf, device=soft.device)
     with torch.enable_grad():

@@ -22,6 +22,7 @@ from codec.weights import DEFAULT_MODEL_ID, load_model
 from flows.cli import app
 
 STEPS = 8
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -182,3 +183,29 @@ def test_residual_layers_sit_on_refined_codes(crop: GrayImage) -> None:
     assert isinstance(codec, LayeredCodec) and codec.half_res and codec.refine_steps == STEPS
     assert codec.name in learned_codec_names()
     assert learned_codec(DEFAULT_MODEL_ID + "+half+residual").refine_steps == 0
+
+
+def test_momentum_follows_the_step_budget() -> None:
+    """Adam's beta1 remembers about a quarter of the search: short searches forget fast,
+    long ones keep Adam's usual 0.9; never outside 0.5-0.9."""
+    from codec.refine import momentum
+
+    assert [momentum(s) for s in (1, 8, 16, 32, 64, 1000)] == [0.5, 0.5, 0.75, 0.875, 0.9, 0.9]
+
+
+def test_search_probe_reports_every_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m codec.bench.refine_search``: real tiles through the network; a refined
+    first iteration is never worse than the encoder's own code, and a probe's fixed momentum
+    does not outlive its run."""
+    from codec import refine
+    from codec.bench.refine_search import main
+
+    shipped = refine.MOMENTUM_RANGE
+    images = [str(DATA / "00007617_000.png"), str(DATA / "00004934_000.png")]
+    main([DEFAULT_MODEL_ID, *images, "--searches", "0,2,2:0.9", "--full"])
+    assert shipped == refine.MOMENTUM_RANGE
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [row[:2] for row in rows] == [["0", "-"], ["2", "0.5"], ["2", "0.9"]]
+    first = [float(row[2].split(" / ")[0]) for row in rows]
+    assert all(len(row[2].split(" / ")) == 4 for row in rows)
+    assert first[1] >= first[0] and first[2] >= first[0]
