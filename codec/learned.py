@@ -114,7 +114,9 @@ def code_blocks(
         stop_rule = block_stop_rule(stop_threshold_db, valid)
     codes, reconstructions = loaded.model.compress(x, iterations, stop_rule, refine_steps)
     if half_res:
-        reconstructions = [resolution.double(r) for r in reconstructions]
+        reconstructions = [
+            resolution.double(r, loaded.upsampler, k + 1) for k, r in enumerate(reconstructions)
+        ]
     bits = [(code > 0).to(torch.uint8).cpu().numpy() for code in codes]
     active = [(code != 0).any(dim=1).cpu().numpy() for code in codes]
     coded = []
@@ -514,9 +516,10 @@ def decode_tile(
     layers = [torch.from_numpy(code[np.newaxis]).to(model_device(loaded)) for code in codes]
     reconstructions = loaded.model.decompress(layers)
     pixels = []
-    for reconstruction in reconstructions if every_iteration else reconstructions[-1:]:
+    first = 1 if every_iteration else len(reconstructions)
+    for count, reconstruction in enumerate(reconstructions[first - 1 :], start=first):
         if half_res:
-            reconstruction = resolution.double(reconstruction)
+            reconstruction = resolution.double(reconstruction, loaded.upsampler, count)
         pixels.append(_to_pixels(reconstruction[0, 0], peak, dtype)[: box.height, : box.width])
     return pixels
 

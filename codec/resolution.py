@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from codec.upsampler import Upsampler
+
 FACTOR = 2
 
 
@@ -32,10 +34,20 @@ def halve(tile: np.ndarray) -> np.ndarray:
     return even.reshape(rows, FACTOR, cols, FACTOR).mean(axis=(1, 3), dtype=np.float32)
 
 
-def double(reconstruction: torch.Tensor) -> torch.Tensor:
-    """``(N, 1, h, w)`` to ``(N, 1, 2h, 2w)`` by bicubic interpolation of pixel centres.
+def double(
+    reconstruction: torch.Tensor, upsampler: Upsampler | None = None, iterations: int = 1
+) -> torch.Tensor:
+    """``(N, 1, h, w)`` decoded with ``iterations`` to ``(N, 1, 2h, 2w)``: by the model's fitted
+    filter where its weights carry one (:mod:`codec.upsampler`), else by bicubic interpolation
+    of pixel centres.
 
-    Each output pixel depends only on its 4x4 neighbourhood, so the result is the same whatever
+    Each output pixel depends only on a fixed neighbourhood, so the result is the same whatever
     the batch or thread count (decoding stays exact across machines' thread settings).
     """
-    return F.interpolate(reconstruction, scale_factor=FACTOR, mode="bicubic", align_corners=False)
+    if upsampler is None:
+        return F.interpolate(
+            reconstruction, scale_factor=FACTOR, mode="bicubic", align_corners=False
+        )
+    halves = reconstruction[:, 0].detach().cpu().numpy()
+    doubled = np.stack([upsampler.double(half, iterations) for half in halves])[:, None]
+    return torch.from_numpy(doubled).to(reconstruction.device)

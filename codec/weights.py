@@ -2,7 +2,8 @@
 
 ``codec/weights/models.json`` lists each installed model id with its file and hash. A weights
 file holds the architecture config, a float16 state dict (half the size; the network runs in
-float32), the entropy-coding context tables, and how many iterations the model was trained for.
+float32), the entropy-coding context tables, how many iterations the model was trained for, and
+(from rnnconv-pool-v12) the fitted upsampler of half-resolution tiles (:mod:`codec.upsampler`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ import torch
 from codec.bitstream import HASH_BYTES, BitstreamError
 from codec.entropy import ContextTables
 from codec.model import ModelConfig, RNNConvCodec
+from codec.upsampler import Upsampler
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 REGISTRY = WEIGHTS_DIR / "models.json"
@@ -41,6 +44,7 @@ class LoadedModel:
     tables: ContextTables
     weights_hash: bytes  # first HASH_BYTES of the file's SHA-256, as written into streams
     trained_iterations: int
+    upsampler: Upsampler | None = None  # None: half tiles are upsampled bicubically
 
 
 def registry() -> dict[str, dict[str, str]]:
@@ -81,7 +85,15 @@ def load_model(model_id: str = DEFAULT_MODEL_ID) -> LoadedModel:
         tables=tables,
         weights_hash=bytes.fromhex(digest)[:HASH_BYTES],
         trained_iterations=int(payload["trained_iterations"]),
+        upsampler=_upsampler(payload),
     )
+
+
+def _upsampler(payload: dict[str, Any]) -> Upsampler | None:
+    if "upsampler_kernels" not in payload:
+        return None  # weights from before stop 18: their streams were written with bicubic
+    kernels, biases = payload["upsampler_kernels"], payload["upsampler_biases"]
+    return Upsampler(kernels.numpy().astype(np.float32), biases.numpy().astype(np.float32))
 
 
 def model_device(loaded: LoadedModel) -> torch.device:
@@ -94,6 +106,7 @@ def write_weights(
     model_id: str,
     trained_iterations: int,
     directory: Path = WEIGHTS_DIR,
+    upsampler: Upsampler | None = None,
 ) -> Path:
     """Write ``model_id``'s weights file and add it to the registry in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -104,6 +117,9 @@ def write_weights(
         "pass_b": torch.from_numpy(tables.pass_b.astype(np.int32)),
         "trained_iterations": trained_iterations,
     }
+    if upsampler is not None:  # float32: the filter is small and its taps are not rounded
+        payload["upsampler_kernels"] = torch.from_numpy(upsampler.kernels)
+        payload["upsampler_biases"] = torch.from_numpy(upsampler.biases)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     path = directory / f"{model_id}.pt"

@@ -17,6 +17,7 @@ from codec.io import GrayImage, write_png
 from codec.learned import TileCandidates, decode_image, encode_candidates
 from codec.metrics import bits_per_pixel
 from codec.rate import Ladder, RateControl, allocate_bytes, allocate_ladders
+from codec.weights import DEFAULT_MODEL_ID
 from flows.cli import app
 
 HEADER = StreamHeader("rnnconv-test", b"\x01" * 8, 40, 70, 12, 32, 32)  # 2x3 tiles
@@ -142,9 +143,12 @@ def crop(chest_xray: GrayImage) -> GrayImage:
     return GrayImage(chest_xray.pixels[40:520, 30:510].copy(), 8)  # 480x480: 4 tiles of 256
 
 
-@pytest.fixture(scope="module")
-def candidates(crop: GrayImage) -> TileCandidates:
-    return encode_candidates(crop, tile_size=256, half_res=True)
+@pytest.fixture(scope="module", params=[DEFAULT_MODEL_ID, "rnnconv-pool-v12"])
+def candidates(crop: GrayImage, request: pytest.FixtureRequest) -> TileCandidates:
+    """Half tiles upsampled bicubically (the default model's weights carry no filter) and by
+    rnnconv-pool-v12's fitted filter (:mod:`codec.upsampler`): the decoder must reproduce what
+    the encoder measured either way."""
+    return encode_candidates(crop, model_id=request.param, tile_size=256, half_res=True)
 
 
 def test_half_res_stream_decodes_to_what_the_encoder_measured(

@@ -1,12 +1,14 @@
 """Speed and seam benchmark of the learned codec; prints Markdown tables.
 
     python -m codec.bench.speed IMAGES... [--bpp 0.25] [--model rnnconv-pool-v8] [--tile 512] \
-        [--adaptive]
+        [--adaptive] [--refine-steps N]
+    python -m codec.bench.speed IMAGES... --codec rnnconv-pool-v12+half+refine+residual [--bpp 0.25]
 
 Speed: encode and decode megapixels per second on this machine (torch's default threads),
-and the decode time of each image at the target rate. Seams: mean squared error in bands of
-``band`` pixels on either side of every interior tile border, against the rest of the image;
-a ratio near 1 means tile borders are invisible to the error.
+and the decode time of each image at the target rate. ``--codec`` takes any learned
+``radiarc bench`` name instead (its encode is the bench's, rate search included). Seams: mean
+squared error in bands of ``band`` pixels on either side of every interior tile border, against
+the rest of the image; a ratio near 1 means tile borders are invisible to the error.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import numpy as np
 import torch
 
 from codec.io import GrayImage, read_png
-from codec.learned import decode_image, encode_image
+from codec.learned import DEFAULT_TILE_SIZE, decode_image, encode_image
+from codec.learned_rd import is_learned_codec_name, learned_codec
 from codec.metrics import bits_per_pixel
 from codec.rate import RateControl
 from codec.weights import DEFAULT_MODEL_ID, load_model
@@ -78,6 +81,24 @@ def measure(
     )
 
 
+def measure_codec(image: GrayImage, bpp: float, codec_name: str) -> SpeedPoint:
+    """:func:`measure` for a learned bench codec (:func:`codec.learned_rd.learned_codec`),
+    at 512-pixel tiles."""
+    codec = learned_codec(codec_name)
+    started = time.perf_counter()
+    data, _ = codec.encode_at_bpp(image, bpp)
+    encoded = time.perf_counter()
+    decoded = codec.decode(data, image.pixels.shape, image.bits_stored)
+    finished = time.perf_counter()
+    return SpeedPoint(
+        megapixels=image.pixels.size / 1e6,
+        bpp=bits_per_pixel(len(data), image.pixels.size),
+        encode_seconds=encoded - started,
+        decode_seconds=finished - encoded,
+        seam_ratio=seam_ratio(image.pixels, decoded, DEFAULT_TILE_SIZE),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", type=Path)
@@ -88,19 +109,37 @@ def main(argv: list[str] | None = None) -> None:
         "--adaptive", action="store_true", help="block stops (several network runs per encode)"
     )
     parser.add_argument("--refine-steps", type=int, default=0, help="encoder code refinement")
+    parser.add_argument(
+        "--codec",
+        help="a learned bench codec name (e.g. rnnconv-pool-v12+half+refine+residual) in place "
+        "of --model, --tile, --adaptive and --refine-steps",
+    )
     args = parser.parse_args(argv)
-    load_model(args.model)  # load once, so the first image does not pay for it
+    if args.codec is not None and not is_learned_codec_name(args.codec):
+        parser.error(f"--codec {args.codec!r} is not a learned bench codec name")
+    # Load once, so the first image does not pay for it.
+    load_model(args.model if args.codec is None else args.codec.split("+")[0])
     points = []
     for path in args.images:
         image = read_png(path)
-        point = measure(image, args.bpp, args.model, args.tile, args.adaptive, args.refine_steps)
+        if args.codec is not None:
+            point = measure_codec(image, args.bpp, args.codec)
+        else:
+            point = measure(
+                image, args.bpp, args.model, args.tile, args.adaptive, args.refine_steps
+            )
         points.append(point)
         print(f"{path.name}: {point}", flush=True)
     mp = sum(p.megapixels for p in points)
-    print(
-        f"\n{args.model}{' with block stops' if args.adaptive else ''}"
+    setting = (
+        f"{args.codec}, tile {DEFAULT_TILE_SIZE}"
+        if args.codec is not None
+        else f"{args.model}{' with block stops' if args.adaptive else ''}"
         f"{f', codes refined {args.refine_steps} steps' if args.refine_steps else ''}, "
-        f"tile {args.tile}, "
+        f"tile {args.tile}"
+    )
+    print(
+        f"\n{setting}, "
         f"target {args.bpp} bpp, "
         f"{torch.get_num_threads()} threads, {len(points)} images\n"
     )
