@@ -134,7 +134,7 @@ def test_export_fits_an_upsampler_at_least_as_close_as_bicubic_on_its_tiles(
     names = ("00004934_000.png", "00013122_000.png")
     for name in names:
         (images / name).write_bytes((data_dir / name).read_bytes())
-    path = export(checkpoint, "test-up", images, len(names), tmp_path / "weights", None, 2)
+    path = export(checkpoint, "test-up", images, len(names), tmp_path / "weights", len(names), 2)
     registry = json.loads((tmp_path / "weights" / "models.json").read_text())
     assert registry["test-up"]["file"] == path.name
     upsampler = _upsampler(torch.load(path, weights_only=True))
@@ -148,6 +148,11 @@ def test_export_fits_an_upsampler_at_least_as_close_as_bicubic_on_its_tiles(
     bicubic = _squared_errors(exported, plain, None, 2, 0)
     bicubic += _squared_errors(exported, refined, None, 2, 2)
     assert np.all(fitted < 0.995 * bicubic), (fitted, bicubic)
+
+    plain_path = export(checkpoint, "test-bicubic", images, 1, tmp_path / "weights", 0)
+    assert _upsampler(torch.load(plain_path, weights_only=True)) is None
+    with pytest.raises(SystemExit, match="--upsampler-images -1"):
+        export(checkpoint, "test-bad", images, 1, tmp_path / "weights", -1)
 
 
 def test_the_shipped_upsampler_beats_bicubic_on_unseen_chest_xrays(data_dir: Path) -> None:
