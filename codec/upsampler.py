@@ -8,16 +8,16 @@ linear map can. It is fitted at export (:mod:`codec.export`), on the shipped net
 reconstructions of training tiles, and shipped in the weights file; models without one
 upsample bicubically, so their streams decode as before.
 
-Measured (stop 18, docs/codec.md): on 52 halved val tiles +0.13 to +0.24 dB over bicubic after
-iterations 1-4; on whole images, where rate control picks half tiles only for some tiles and
-mostly at 0.125 bpp, +0.13 dB and +0.0006 MS-SSIM at 0.125 bpp with the network alone
-(``MODEL+half``), +0.04 dB with the residual layer, nothing at 0.25 and 0.5 bpp.
+Measured (stop 18, docs/codec.md): v12's filter on 52 halved val tiles +0.15 to +0.25 dB over
+bicubic after iterations 1-4; on whole images, where rate control picks half tiles only for
+some tiles and mostly at 0.125 bpp, +0.13 dB and +0.0006 MS-SSIM at 0.125 bpp with the network
+alone (``MODEL+half``), +0.04 dB with the residual layer, nothing at 0.25 and 0.5 bpp.
 
 Each full-resolution pixel is one of four phases (its row and column parity); each phase has
 its own ``TAPS x TAPS`` kernel over the half grid plus a bias. The filter is applied by
 accumulating shifted copies in a fixed order in float32, so a tile's pixels are the same
-whatever the batch, the thread count or the machine (the residual layer needs the decoder's
-pixels exactly).
+whatever the batch, the thread count or the machine (rate control's measured errors and the
+coarse corrections on half tiles need the decoder's pixels exactly).
 """
 
 from __future__ import annotations
