@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from codec.model import ModelConfig, RNNConvCodec
+
 DATA = Path(__file__).parent / "data"
 TINY = ["--crop", "32", "--batch", "1", "--iterations", "2", "--threads", "1"]
 
@@ -80,6 +82,34 @@ def test_until_step_stops_training_at_that_step_with_a_checkpoint(tmp_path: Path
     output, _ = refused.communicate(timeout=120)
     assert refused.returncode != 0
     assert "--until-step must be a positive step count, got 0" in output
+
+
+def test_a_compiled_training_pass_trains_and_saves_the_plain_model(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(DATA / "00007617_000.png", images)
+    run = tmp_path / "run"
+    compiled = start(images, run, "--until-step", "2", "--compile")
+    output, _ = compiled.communicate(timeout=900)
+    assert compiled.returncode == 0, output
+    assert "compiled training pass" in output
+    saved = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 2
+
+    # Saved under the plain model's names (no torch.compile wrapper), so the weights load
+    # strictly, export like any other run's, and changed from the seeded initial ones.
+    model = RNNConvCodec(ModelConfig.from_dict(saved["model_config"]))
+    model.load_state_dict(saved["model"])
+    torch.manual_seed(0)  # the run's default --seed, drawn before the model is built
+    initial = RNNConvCodec(ModelConfig.from_dict(saved["model_config"])).state_dict()
+    assert any(not torch.equal(value, initial[name]) for name, value in saved["model"].items())
+
+    # And the run resumes without --compile, from the compiled pass's step.
+    eager = start(images, run, "--until-step", "3", "--resume")
+    output, _ = eager.communicate(timeout=300)
+    assert eager.returncode == 0, output
+    assert "compiled training pass" not in output
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
 
 
 def test_edge_blocks_find_the_burned_in_text_and_hard_crops_hold_them() -> None:
