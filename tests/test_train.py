@@ -84,7 +84,7 @@ def test_until_step_stops_training_at_that_step_with_a_checkpoint(tmp_path: Path
     assert "--until-step must be a positive step count, got 0" in output
 
 
-def test_a_compiled_training_pass_trains_and_saves_the_plain_model(tmp_path: Path) -> None:
+def test_compiled_and_bf16_training_passes_save_the_plain_float32_model(tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(DATA / "00007617_000.png", images)
@@ -104,12 +104,20 @@ def test_a_compiled_training_pass_trains_and_saves_the_plain_model(tmp_path: Pat
     initial = RNNConvCodec(ModelConfig.from_dict(saved["model_config"])).state_dict()
     assert any(not torch.equal(value, initial[name]) for name, value in saved["model"].items())
 
-    # And the run resumes without --compile, from the compiled pass's step.
-    eager = start(images, run, "--until-step", "3", "--resume")
+    # And the run resumes without --compile, from the compiled pass's step, here under
+    # bfloat16 autocast: the weights and the optimiser's moments stay float32.
+    eager = start(images, run, "--until-step", "3", "--resume", "--bf16")
     output, _ = eager.communicate(timeout=300)
     assert eager.returncode == 0, output
-    assert "compiled training pass" not in output
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert "compiled training pass" not in output and "bfloat16 autocast" in output
+    resumed = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert resumed["step"] == 3 and resumed["train_config"]["bf16"] is True
+    assert all(value.dtype == torch.float32 for value in resumed["model"].values())
+    moments = resumed["optimizer"]["state"].values()
+    assert all(state["exp_avg"].dtype == torch.float32 for state in moments)
+    assert any(
+        not torch.equal(resumed["model"][name], value) for name, value in saved["model"].items()
+    )
 
 
 def test_edge_blocks_find_the_burned_in_text_and_hard_crops_hold_them() -> None:
