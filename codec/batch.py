@@ -35,10 +35,12 @@ def block_candidates(
     batch_size: int = DEFAULT_BATCH_SIZE,
     refine_steps: int = 0,
     half_res: bool = False,
+    measure: bool = True,
 ) -> list[TileCandidates]:
     """Each block coded as a one-tile image to ``iterations`` (default: as trained), its
     codes refined ``refine_steps`` steps (:mod:`codec.refine`); with ``half_res``, also at
-    half resolution (:mod:`codec.resolution`), for a bpp target to choose between."""
+    half resolution (:mod:`codec.resolution`), for a bpp target to choose between.
+    ``measure=False`` skips measuring errors (:func:`codec.learned.code_blocks`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     loaded = load_model(model_id)
@@ -46,12 +48,9 @@ def block_candidates(
     if iterations is not None and not 1 <= iterations <= limit:
         raise ValueError(f"{model_id} runs 1..{limit} iterations, asked {iterations}")
     count = iterations or loaded.trained_iterations
-    full = _code_in_batches(blocks, loaded, count, with_ssim, batch_size, refine_steps, False)
-    halves = (
-        _code_in_batches(blocks, loaded, count, with_ssim, batch_size, refine_steps, True)
-        if half_res
-        else None
-    )
+    coding = (loaded, count, with_ssim, batch_size, refine_steps)
+    full = _code_in_batches(blocks, *coding, half_res=False, measure=measure)
+    halves = _code_in_batches(blocks, *coding, half_res=True, measure=measure) if half_res else None
     results = []
     for index, (block, tile) in enumerate(zip(blocks, full, strict=True)):
         height, width = block.pixels.shape
@@ -79,6 +78,7 @@ def _code_in_batches(
     batch_size: int,
     refine_steps: int,
     half_res: bool,
+    measure: bool,
 ) -> list[EncodedTile]:
     """Every block coded, ``batch_size`` blocks of one padded (coded) shape per network call."""
     coded: list[EncodedTile | None] = [None] * len(blocks)
@@ -93,6 +93,7 @@ def _code_in_batches(
             with_ssim,
             refine_steps=refine_steps,
             half_res=half_res,
+            measure=measure,
         )
         for index, tile in zip(indices, tiles, strict=True):
             coded[index] = tile

@@ -281,6 +281,7 @@ def encode_chunks(
                 batch_size=batch_size,
                 refine_steps=refine_steps,
                 half_res=rate.half_res,
+                measure=rate.iterations is None,
             )
         selected = _select(candidates, rate, [index for index, _, _ in members], images)
         for (index, envelope, _), result in zip(members, selected, strict=True):

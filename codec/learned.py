@@ -1,8 +1,9 @@
 """Encode and decode whole images with the learned codec: tiles, network, entropy coder, stream.
 
 When encoding, tiles of the same padded shape go through the network together. Each tile's
-iterations are entropy-coded into segments; rate control picks how many each tile keeps; the
-container is written by :mod:`codec.bitstream`. Decoding runs one tile per network call, tiles
+iterations are entropy-coded into segments; rate control picks how many each tile keeps, from
+the error each iteration leaves as readers will decode it; the container is written by
+:mod:`codec.bitstream`. Decoding runs one tile per network call, tiles
 side by side on threads (:mod:`codec.tile_threads`), so the pixels are the same at any thread
 count; it can stop after any number of iterations and decode only the tiles a region touches.
 """
@@ -92,9 +93,11 @@ def code_blocks(
     stop_threshold_db: float | None = None,
     refine_steps: int = 0,
     half_res: bool = False,
+    measure: bool = True,
 ) -> list[EncodedTile]:
     """One network call over blocks that pad to one shape; each block's entropy-coded
-    segments and the error each iteration leaves (what rate control chooses from).
+    segments and, with ``measure``, the error each iteration leaves (what rate control
+    chooses from).
 
     Blocks may differ in bit depth: each is normalised by its own peak. With
     ``stop_threshold_db`` each 16x16 block stops refining once good enough
@@ -102,6 +105,11 @@ def code_blocks(
     ``refine_steps`` searches each code for a better one (:mod:`codec.refine`). With
     ``half_res`` the blocks are coded at half resolution (:mod:`codec.resolution`); errors are
     still measured on full-resolution pixels, as the decoder will produce them.
+
+    The errors are measured on each tile decoded as every reader decodes it (alone, on one
+    thread: :func:`decode_tile`), not on this batched pass, whose float sums run in another
+    order and can round a rare pixel the other way: a quality floor met here is then met on
+    the pixels readers see. A fixed iteration count needs no errors (``measure=False``).
     """
     tiles = [_normalise(block.pixels, block.peak) for block in blocks]
     if half_res:
@@ -117,12 +125,11 @@ def code_blocks(
         reconstructions = [
             resolution.double(r, loaded.upsampler, k + 1) for k, r in enumerate(reconstructions)
         ]
+    del reconstructions  # measured below on the readers' decode instead
     bits = [(code > 0).to(torch.uint8).cpu().numpy() for code in codes]
     active = [(code != 0).any(dim=1).cpu().numpy() for code in codes]
     coded = []
-    for position, block in enumerate(blocks):
-        original = block.pixels
-        height, width = original.shape
+    for position in range(len(blocks)):
         tile = EncodedTile([], [], [])
         previous = None
         for k in range(iterations):
@@ -136,13 +143,26 @@ def code_blocks(
                 )
             )
             previous = bits[k][position]
-            decoded = _to_pixels(reconstructions[k][position, 0], block.peak, original.dtype)
-            decoded = decoded[:height, :width]
-            diff = original.astype(np.float64) - decoded
+        coded.append(tile)
+    if not measure:
+        return coded
+
+    def measure_tile(position: int) -> None:
+        block, tile = blocks[position], coded[position]
+        codes = [
+            _network_code(bits[k][position], active[k][position]) for k in range(len(tile.segments))
+        ]
+        original = block.pixels.astype(np.float64)
+        height, width = original.shape
+        for decoded in _pixels_from_codes(
+            loaded, codes, (height, width), half_res, block.bits_stored, every_iteration=True
+        ):
+            diff = original - decoded
             tile.squared_errors.append(float(np.sum(diff * diff)))
             if with_ssim and min(height, width) >= WINDOW:
-                tile.ssims.append(ssim(original, decoded, block.bits_stored))
-        coded.append(tile)
+                tile.ssims.append(ssim(block.pixels, decoded, block.bits_stored))
+
+    map_tiles(measure_tile, range(len(blocks)))
     return coded
 
 
@@ -155,6 +175,7 @@ def _encode_tiles(
     stop_threshold_db: float | None = None,
     refine_steps: int = 0,
     half_res: bool = False,
+    measure: bool = True,
 ) -> list[EncodedTile]:
     blocks = [GrayImage(image.pixels[box.slices], image.bits_stored) for box in boxes]
     encoded: list[EncodedTile | None] = [None] * len(boxes)
@@ -168,6 +189,7 @@ def _encode_tiles(
             stop_threshold_db,
             refine_steps,
             half_res,
+            measure,
         )
         for index, tile in zip(batch, coded, strict=True):
             encoded[index] = tile
@@ -246,6 +268,12 @@ class TileCandidates:
             self._tile(index, half[index]).squared_errors[k - 1] for index, k in enumerate(chosen)
         )
 
+    @property
+    def measured(self) -> bool:
+        """Whether each coded iteration's error was measured (not so with ``measure=False``)."""
+        tiles = self.tiles + (self.halves or [])
+        return all(len(tile.squared_errors) == len(tile.segments) for tile in tiles)
+
     def _tile(self, index: int, half_res: bool) -> EncodedTile:
         if half_res:
             if self.halves is None:
@@ -281,6 +309,8 @@ class TileCandidates:
         """The stream ``rate`` asks for (its iterations must not exceed those coded)."""
         if rate.iterations is not None and rate.iterations > self.iterations:
             raise ValueError("more iterations asked than were coded")
+        if rate.iterations is None and not self.measured:
+            raise ValueError("a bpp target or quality floor needs candidates coded with measure")
         if rate.half_res:
             if rate.bpp is None:
                 raise ValueError("half-resolution tiles need a bpp target")
@@ -329,11 +359,14 @@ def encode_candidates(
     stop_threshold_db: float | None = None,
     refine_steps: int = 0,
     half_res: bool = False,
+    measure: bool = True,
 ) -> TileCandidates:
     """Run the network once over every tile, to ``iterations`` (default: as trained); with
     ``stop_threshold_db``, blocks stop refining once good enough (a format 2 stream); with
     ``refine_steps``, each code is refined that many steps (:mod:`codec.refine`); with
-    ``half_res``, every tile is also coded at half resolution (:mod:`codec.resolution`)."""
+    ``half_res``, every tile is also coded at half resolution (:mod:`codec.resolution`).
+    ``measure=False`` skips decoding each tile to measure its errors: enough for a stream of
+    fixed iterations, which needs none."""
     if refine_steps < 0:
         raise ValueError(f"refine_steps must be 0 or more, got {refine_steps}")
     if tile_size % 16 or tile_size < 16:
@@ -355,12 +388,11 @@ def encode_candidates(
     )
     boxes = tile_boxes(height, width, tile_size)
     count = iterations or loaded.trained_iterations
-    tiles = _encode_tiles(image, boxes, loaded, count, with_ssim, stop_threshold_db, refine_steps)
+    coding = (loaded, count, with_ssim, stop_threshold_db, refine_steps)
+    tiles = _encode_tiles(image, boxes, *coding, measure=measure)
     halves = None
     if half_res:
-        halves = _encode_tiles(
-            image, boxes, loaded, count, with_ssim, stop_threshold_db, refine_steps, half_res
-        )
+        halves = _encode_tiles(image, boxes, *coding, half_res=True, measure=measure)
     return TileCandidates(header, boxes, tiles, image.peak, halves)
 
 
@@ -461,6 +493,7 @@ def encode_image(
         with_ssim=rate.min_ssim is not None,
         refine_steps=refine_steps,
         half_res=rate.half_res,
+        measure=rate.iterations is None,
     )
     return candidates.select(rate)
 
@@ -489,9 +522,41 @@ def _decode_codes(
         )
         if not active.any():
             raise BitstreamError(f"iteration {k + 1} of a tile refines no block")
-        codes.append((bits.astype(np.float32) * 2 - 1) * active)
+        codes.append(_network_code(bits, active))
         previous, previous_active = bits, active
     return codes
+
+
+def _network_code(bits: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """An iteration's code as the network reads it: +-1 in refined blocks, 0 in stopped ones."""
+    return (bits.astype(np.float32) * 2 - 1) * active
+
+
+def _pixel_dtype(bits_stored: int) -> np.dtype:
+    return np.dtype(np.uint8 if bits_stored <= 8 else np.uint16)
+
+
+def _pixels_from_codes(
+    loaded: LoadedModel,
+    codes: list[np.ndarray],
+    shape: tuple[int, int],
+    half_res: bool,
+    bits_stored: int,
+    every_iteration: bool = False,
+) -> list[np.ndarray]:
+    """A ``shape`` tile's pixels from its codes: the network on the tile alone (one call of
+    batch one, so the sums run in the same order on every machine and thread count)."""
+    peak = peak_value(bits_stored)
+    layers = [torch.from_numpy(code[np.newaxis]).to(model_device(loaded)) for code in codes]
+    reconstructions = loaded.model.decompress(layers)
+    pixels = []
+    first = 1 if every_iteration else len(reconstructions)
+    for count, reconstruction in enumerate(reconstructions[first - 1 :], start=first):
+        if half_res:
+            reconstruction = resolution.double(reconstruction, loaded.upsampler, count)
+        decoded = _to_pixels(reconstruction[0, 0], peak, _pixel_dtype(bits_stored))
+        pixels.append(decoded[: shape[0], : shape[1]])
+    return pixels
 
 
 def decode_tile(
@@ -506,22 +571,16 @@ def decode_tile(
     every reader decodes them: the tile alone in one network call (run it on one intra-op
     thread, as :func:`codec.tile_threads.map_tiles` does, for the same pixels everywhere).
     With no segments (a tile whose residual layer codes it alone), mid-grey."""
-    peak = peak_value(header.bits_stored)
-    dtype = np.dtype(np.uint8 if header.bits_stored <= 8 else np.uint16)
     if not segments:
-        return [np.full((box.height, box.width), (peak + 1) // 2, dtype=dtype)]
+        peak = peak_value(header.bits_stored)
+        shape = (box.height, box.width)
+        return [np.full(shape, (peak + 1) // 2, dtype=_pixel_dtype(header.bits_stored))]
     padded = TileBox(0, 0, *_coded_shape(box, half_res)).padded_shape
-    shape = (header.code_channels, padded[0] // 16, padded[1] // 16)
-    codes = _decode_codes(segments, shape, loaded, header.block_stops)
-    layers = [torch.from_numpy(code[np.newaxis]).to(model_device(loaded)) for code in codes]
-    reconstructions = loaded.model.decompress(layers)
-    pixels = []
-    first = 1 if every_iteration else len(reconstructions)
-    for count, reconstruction in enumerate(reconstructions[first - 1 :], start=first):
-        if half_res:
-            reconstruction = resolution.double(reconstruction, loaded.upsampler, count)
-        pixels.append(_to_pixels(reconstruction[0, 0], peak, dtype)[: box.height, : box.width])
-    return pixels
+    code_shape = (header.code_channels, padded[0] // 16, padded[1] // 16)
+    codes = _decode_codes(segments, code_shape, loaded, header.block_stops)
+    return _pixels_from_codes(
+        loaded, codes, (box.height, box.width), half_res, header.bits_stored, every_iteration
+    )
 
 
 def decode_image(
@@ -543,7 +602,7 @@ def decode_image(
     wanted = tiles_touching(boxes, rows, cols)
     stream = bitstream.unpack(data, set(wanted))
     peak = peak_value(header.bits_stored)
-    dtype = np.dtype(np.uint8 if header.bits_stored <= 8 else np.uint16)
+    dtype = _pixel_dtype(header.bits_stored)
     output = np.zeros((rows[1] - rows[0], cols[1] - cols[0]), dtype=dtype)
     kept = {i: stream.tiles[i][:iterations] if iterations else stream.tiles[i] for i in wanted}
     if any(not kept[i] and stream.residual(i) is None for i in wanted):
