@@ -30,6 +30,12 @@ FIRST_THRESHOLDS_DB = (11.0, 17.0)
 THRESHOLD_RANGE_DB = (0.0, 40.0)
 SEARCH_STEPS = 3  # interpolation steps after the first thresholds
 SIZE_TOLERANCE = 0.03  # a stream within 3% of the budget ends the search
+#: Refined codes (:mod:`codec.refine`) entropy-code smaller than plain ones at one threshold
+#: (better reconstructions stop blocks sooner): 0.80-0.98 of the plain bytes on 3 val images at
+#: 11-20 dB with rnnconv-pool-v13 at 8 steps, 0.80-0.86 at 11-14 dB, where 0.125-0.25 bpp lie
+#: (docs/codec.md, stop 20). Higher rates saturate, where the ratio matters least.
+REFINED_SIZE_RATIO = 0.84
+REFINED_TRIES = 3  # refined encodes at most, each about 9x a plain one at 8 refinement steps
 
 
 def block_stop_rule(
@@ -71,7 +77,8 @@ class ThresholdSearch:
         self.size_at = size_at
         self.tried: dict[float, int] = {}
 
-    def _size(self, threshold: float) -> int:
+    def size(self, threshold: float) -> int:
+        """The full stream's bytes at ``threshold``, coded once."""
         if threshold not in self.tried:
             self.tried[threshold] = self.size_at(threshold)
         return self.tried[threshold]
@@ -80,7 +87,7 @@ class ThresholdSearch:
         """Every threshold tried, for the caller to pick the best stream among them."""
         low, high = THRESHOLD_RANGE_DB
         for threshold in FIRST_THRESHOLDS_DB:
-            self._size(threshold)
+            self.size(threshold)
         for _ in range(SEARCH_STEPS):
             below = [t for t, size in self.tried.items() if size <= budget]
             above = [t for t, size in self.tried.items() if size > budget]
@@ -91,7 +98,7 @@ class ThresholdSearch:
             else:
                 ordered = sorted(self.tried)
                 a, b = (ordered[-2], ordered[-1]) if below else (ordered[0], ordered[1])
-            log_a, log_b = math.log(self._size(a)), math.log(self._size(b))
+            log_a, log_b = math.log(self.size(a)), math.log(self.size(b))
             if log_a == log_b:
                 guess = b + (b - a) if below else a - (b - a)
             else:
@@ -101,5 +108,46 @@ class ThresholdSearch:
             guess = round(min(max(guess, low), high), 2)
             if guess in self.tried:
                 break
-            self._size(guess)
+            self.size(guess)
         return sorted(self.tried)
+
+
+def refined_thresholds(
+    plain_size: Callable[[float], int], refined_size: Callable[[float], int], budget: int
+) -> list[float]:
+    """Thresholds whose refined streams should fit ``budget``, found on plain codes' sizes.
+
+    A refined encode costs about nine plain ones, so the search runs on plain sizes, aimed at
+    ``budget / ratio``; each refined encode at the threshold it finds measures the ratio of
+    refined to plain bytes there, and the next search aims with it (the ratio changes slowly
+    with the threshold). Stops once a refined stream is within :data:`SIZE_TOLERANCE` under
+    the budget, after :data:`REFINED_TRIES`, or when a search lands where one already did.
+    Returns the thresholds coded refined, for the caller to pick the best stream among them.
+    """
+    ratio, tried = REFINED_SIZE_RATIO, []
+    # Aim inside the accepted band, not at its edge: a stream a byte over the budget is not
+    # accepted, and the ratio's drift would put every other aim there.
+    within = budget * (1 - SIZE_TOLERANCE / 2)
+    for _ in range(REFINED_TRIES):
+        aim = max(int(within / ratio), 1)
+        search = ThresholdSearch(plain_size)
+        search.run(aim)
+        fitting = [t for t, size in search.tried.items() if size <= aim]
+        threshold = max(fitting) if fitting else min(search.tried)
+        if threshold in tried:
+            break
+        tried.append(threshold)
+        size = refined_size(threshold)
+        ratio = size / search.tried[threshold]
+        if size <= budget and abs(math.log(size / budget)) < SIZE_TOLERANCE:
+            break
+        if size <= budget and _saturated(search, threshold):
+            break  # every block already refines to the last iteration: no threshold adds bytes
+    return sorted(tried)
+
+
+def _saturated(search: ThresholdSearch, threshold: float) -> bool:
+    """Whether ``threshold``'s stream is within :data:`SIZE_TOLERANCE` of the largest any
+    threshold gives (the top of :data:`THRESHOLD_RANGE_DB`; one more plain encode at most)."""
+    ceiling = search.size(THRESHOLD_RANGE_DB[1])
+    return search.tried[threshold] >= ceiling * (1 - SIZE_TOLERANCE)

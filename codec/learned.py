@@ -19,7 +19,7 @@ import torch
 
 from codec import bitstream, entropy, resolution
 from codec.bitstream import BitstreamError, Stream, StreamHeader
-from codec.block_stops import ThresholdSearch, block_stop_rule
+from codec.block_stops import ThresholdSearch, block_stop_rule, refined_thresholds
 from codec.coarse import apply_correction, decode_coarse
 from codec.io import GrayImage, peak_value
 from codec.metrics import WINDOW, ssim
@@ -402,7 +402,9 @@ class AdaptiveCandidates:
 
     Each target runs its own threshold search, so it picks among exactly the thresholds a
     single ``radiarc encode --bpp X --adaptive`` would try, and :meth:`network_seconds` says
-    what coding those thresholds took: the encode time of that one command, cache or not."""
+    what coding those thresholds took: the encode time of that one command, cache or not.
+    With ``refine_steps`` the search runs on plain codes and only its answers are coded
+    refined (:func:`codec.block_stops.refined_thresholds`)."""
 
     def __init__(
         self,
@@ -417,32 +419,49 @@ class AdaptiveCandidates:
         self.tile_size = tile_size
         self.refine_steps = refine_steps
         self.half_res = half_res
-        self._coded: dict[float, TileCandidates] = {}
-        self._seconds: dict[float, float] = {}  # network and entropy coding, per threshold
-        self._searched: dict[float, list[float]] = {}  # bpp -> thresholds its search tried
+        # Keyed by (threshold, refinement steps): a refined search also codes plain streams.
+        self._coded: dict[tuple[float, int], TileCandidates] = {}
+        self._seconds: dict[tuple[float, int], float] = {}  # network and entropy coding
+        self._searched: dict[float, set[tuple[float, int]]] = {}  # bpp -> what its search coded
 
     def at(self, threshold_db: float) -> TileCandidates:
-        if threshold_db not in self._coded:
+        """The image coded at ``threshold_db`` with this object's refinement steps."""
+        return self._at(threshold_db, self.refine_steps)
+
+    def _at(self, threshold_db: float, refine_steps: int) -> TileCandidates:
+        key = (threshold_db, refine_steps)
+        if key not in self._coded:
             started = time.perf_counter()
-            self._coded[threshold_db] = encode_candidates(
+            self._coded[key] = encode_candidates(
                 self.image,
                 None,
                 self.model_id,
                 self.tile_size,
                 stop_threshold_db=threshold_db,
-                refine_steps=self.refine_steps,
+                refine_steps=refine_steps,
                 half_res=self.half_res,
             )
-            self._seconds[threshold_db] = time.perf_counter() - started
-        return self._coded[threshold_db]
+            self._seconds[key] = time.perf_counter() - started
+        return self._coded[key]
 
     def select(self, bpp: float) -> EncodeResult:
         """The stream with the least squared error among those not above ``bpp``; the
         thresholds are searched, and tiles may drop late iterations as in the uniform mode."""
         rate = RateControl(bpp=bpp, half_res=self.half_res)
         budget = int(bpp * self.image.pixels.size / 8)
-        search = ThresholdSearch(lambda threshold: self.at(threshold).full_size)
-        self._searched[bpp] = thresholds = search.run(budget)
+        coded: set[tuple[float, int]] = set()
+
+        def size(threshold: float, steps: int) -> int:
+            coded.add((threshold, steps))
+            return self._at(threshold, steps).full_size
+
+        if self.refine_steps:
+            thresholds = refined_thresholds(
+                lambda t: size(t, 0), lambda t: size(t, self.refine_steps), budget
+            )
+        else:
+            thresholds = ThresholdSearch(lambda t: size(t, 0)).run(budget)
+        self._searched[bpp] = coded
         best: tuple[float, EncodeResult] | None = None
         for threshold in thresholds:
             candidates = self.at(threshold)
@@ -450,14 +469,18 @@ class AdaptiveCandidates:
             error = candidates.squared_error(result.tile_iterations, result.half_res)
             if best is None or (result.target_met, -error) > (best[1].target_met, -best[0]):
                 best = (error, result)
-        assert best is not None  # the search always tries its first thresholds
+        assert best is not None  # either search codes at least one threshold
         return best[1]
 
-    def network_seconds(self, bpp: float) -> float:
-        """Seconds spent coding the thresholds that :meth:`select` ``(bpp)`` searched."""
+    def searched(self, bpp: float) -> list[tuple[float, int]]:
+        """What :meth:`select` ``(bpp)`` coded: (threshold, refinement steps) pairs."""
         if bpp not in self._searched:
             raise KeyError(f"no stream was selected at {bpp} bpp")
-        return sum(self._seconds[threshold] for threshold in self._searched[bpp])
+        return sorted(self._searched[bpp])
+
+    def network_seconds(self, bpp: float) -> float:
+        """Seconds spent coding what :meth:`select` ``(bpp)`` searched, plain and refined."""
+        return sum(self._seconds[key] for key in self.searched(bpp))
 
 
 def encode_image(

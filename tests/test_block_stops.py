@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from codec import bitstream
 from codec.bitstream import BitstreamError
-from codec.block_stops import ThresholdSearch, block_stop_rule
+from codec.block_stops import (
+    REFINED_TRIES,
+    SIZE_TOLERANCE,
+    ThresholdSearch,
+    block_stop_rule,
+    refined_thresholds,
+)
 from codec.entropy import ContextTables, EntropyCodingError, decode_iteration, encode_iteration
 from codec.io import GrayImage
 from codec.learned import AdaptiveCandidates, TileCandidates, decode_image, encode_candidates
@@ -173,6 +179,62 @@ def test_threshold_search_brackets_the_budget() -> None:
     assert len(calls) - len(tried) == len(tried)  # each threshold coded once during the search
     best = max(s for s in sizes if s <= 20_000)
     assert best > 0.95 * 20_000
+
+
+def test_refined_search_codes_few_refined_streams_and_fits_the_budget() -> None:
+    """Refined bytes are a slowly varying fraction of plain bytes; the search finds the
+    threshold on plain sizes and codes refined streams only where they should fit."""
+    plain_calls: list[float] = []
+    refined_calls: list[float] = []
+
+    def plain_size(threshold: float) -> int:
+        plain_calls.append(threshold)
+        return int(1000 * 2 ** (threshold / 3))
+
+    def refined_size(threshold: float) -> int:
+        refined_calls.append(threshold)
+        return int(1000 * 2 ** (threshold / 3) * (0.7 + 0.01 * threshold))
+
+    for budget in (5_000, 20_000, 60_000):
+        plain_calls.clear()
+        refined_calls.clear()
+        thresholds = refined_thresholds(plain_size, refined_size, budget)
+        assert sorted(refined_calls) == thresholds and len(thresholds) <= REFINED_TRIES
+        fitting = [size for size in map(refined_size, thresholds) if size <= budget]
+        assert fitting and max(fitting) > budget * (1 - 2 * SIZE_TOLERANCE)
+        assert len(plain_calls) > len(thresholds)  # the cheap codes do the searching
+
+
+def test_refined_search_stops_where_no_threshold_adds_bytes() -> None:
+    """At a budget above what every block refined to the last iteration costs, one refined
+    encode says so; more would code the same stream again."""
+    refined_calls: list[float] = []
+
+    def refined_size(threshold: float) -> int:
+        refined_calls.append(threshold)
+        return int(0.9 * min(1000 * 2 ** (threshold / 3), 30_000))
+
+    thresholds = refined_thresholds(
+        lambda threshold: int(min(1000 * 2 ** (threshold / 3), 30_000)), refined_size, 60_000
+    )
+    assert len(thresholds) == len(refined_calls) == 1
+
+
+def test_refined_block_stops_search_on_plain_codes(crop: GrayImage) -> None:
+    """A refined encode codes at most REFINED_TRIES thresholds refined, meets the target, and
+    is charged for its plain codes too."""
+    adaptive = AdaptiveCandidates(crop, tile_size=256, refine_steps=2)
+    result = adaptive.select(0.2)
+    assert result.target_met
+    assert 0.8 * 0.2 < bits_per_pixel(result.n_bytes, crop.pixels.size) <= 0.2
+    coded = adaptive.searched(0.2)
+    refined = [threshold for threshold, steps in coded if steps == 2]
+    assert 1 <= len(refined) <= REFINED_TRIES
+    assert len(coded) > len(refined)  # plain codes did the searching
+    assert adaptive.network_seconds(0.2) > 0
+    # The stream is one a refined threshold gives: refinement is not skipped at the end.
+    rate = RateControl(bpp=0.2)
+    assert result.data in [adaptive.at(threshold).select(rate).data for threshold in refined]
 
 
 def test_adaptive_needs_a_bpp_target() -> None:
