@@ -3,9 +3,9 @@
 When encoding, tiles of the same padded shape go through the network together. Each tile's
 iterations are entropy-coded into segments; rate control picks how many each tile keeps, from
 the error each iteration leaves as readers will decode it; the container is written by
-:mod:`codec.bitstream`. Decoding runs one tile per network call, tiles
-side by side on threads (:mod:`codec.tile_threads`), so the pixels are the same at any thread
-count; it can stop after any number of iterations and decode only the tiles a region touches.
+:mod:`codec.bitstream`. Decoding runs one tile per network call, tiles side by side on threads
+(:mod:`codec.tile_threads`), so the pixels are the same at any thread count; it can stop after
+any number of iterations and decode only the tiles a region touches.
 """
 
 from __future__ import annotations
@@ -120,12 +120,9 @@ def code_blocks(
     if stop_threshold_db is not None:
         valid = _valid_pixels([tile.shape for tile in tiles], stacked.shape[1:]).to(x.device)
         stop_rule = block_stop_rule(stop_threshold_db, valid)
-    codes, reconstructions = loaded.model.compress(x, iterations, stop_rule, refine_steps)
-    if half_res:
-        reconstructions = [
-            resolution.double(r, loaded.upsampler, k + 1) for k, r in enumerate(reconstructions)
-        ]
-    del reconstructions  # measured below on the readers' decode instead
+    # The batched pass's reconstructions are not measured: the errors come from the readers'
+    # decode below.
+    codes, _ = loaded.model.compress(x, iterations, stop_rule, refine_steps)
     bits = [(code > 0).to(torch.uint8).cpu().numpy() for code in codes]
     active = [(code != 0).any(dim=1).cpu().numpy() for code in codes]
     coded = []
