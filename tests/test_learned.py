@@ -211,13 +211,14 @@ def test_random_bytes_raise_the_stream_error(data: bytes) -> None:
         "rnnconv-pool-v11",
         "rnnconv-pool-v12",
         "rnnconv-pool-v13",
+        "rnnconv-pool-v14",
     ],
 )
 def test_the_low_rate_models_stop_at_their_four_trained_iterations(
     chest_xray: GrayImage, model_id: str
 ) -> None:
     """The low-rate models (trained on 4 iterations: the residual layer serves higher rates;
-    v10 to v13 also on halved crops) are installed and verified; a generous bpp target codes every
+    v10 to v14 also on halved crops) are installed and verified; a generous bpp target codes every
     tile to 4 iterations, no more, and the stream names the model and decodes to a useful
     image."""
     from codec.weights import load_model
